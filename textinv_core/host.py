@@ -1,0 +1,80 @@
+"""What the trainer needs from a host (diffusers, ComfyUI, ...): the whole contract in one place.
+
+A host wraps models that are already loaded; it never copies them and never changes a weight. The
+trainer sees only this protocol, so the same training loop runs inside ComfyUI and from the CLI.
+
+Words and slots: a prompt names a pseudo-word by its placeholder string (e.g. `<my-cat>`).
+`encode_text` is handed, per placeholder, one tensor per text encoder of shape [k, width]; the
+host splices those k vectors into the token-embedding output where the placeholder stands, so the
+conditioning is differentiable in them while the token table itself is never written.
+
+Timesteps are integer indices into the host's discrete training schedule, 0..num_timesteps-1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+# Encoder keys used across hosts and files: SD1 'clip_l' (768), SD2 'clip_h' (1024),
+# SDXL 'clip_l' (768) + 'clip_g' (1280).
+WordVectors = dict[str, torch.Tensor]
+
+
+class HostError(ValueError):
+    """A user-fixable problem detected by a host (bad prompt, unknown word, ...)."""
+
+
+@runtime_checkable
+class Host(Protocol):
+    family: str
+    """'sd1', 'sd2' or 'sdxl': decides the file layout of the learned word."""
+
+    encoders: dict[str, int]
+    """Encoder key -> token-embedding width, e.g. {'clip_l': 768, 'clip_g': 1280}."""
+
+    prediction_type: str
+    """'epsilon' or 'v_prediction': what `predict` returns and `target` computes."""
+
+    num_timesteps: int
+    device: torch.device
+
+    def word_vectors(self, text: str) -> WordVectors:
+        """Frozen embeddings of `text`'s tokens (no BOS/EOS), fp32, [n_tokens, width] per encoder.
+
+        n_tokens is 0 when `text` tokenizes to nothing.
+        """
+
+    def token_table_stats(self) -> dict[str, float]:
+        """Mean L2 norm of the real vocabulary rows per encoder (the scale for norm control)."""
+
+    def encode_text(self, prompts: list[str], words: dict[str, WordVectors]) -> Any:
+        """Conditioning for a batch of prompts with pseudo-word vectors spliced in.
+
+        `words` maps each placeholder string that may appear in the prompts to its vectors.
+        Differentiable in those vectors. The result is opaque to the trainer: it is only passed
+        back to `predict`.
+        """
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> latents in the space the denoiser trains in (scaled)."""
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Forward diffusion: x_t for the given integer timesteps."""
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The regression target of the denoiser: eps, or v for v-prediction models."""
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The frozen denoiser's output in the same space as `target`."""
+
+    def autocast(self) -> Any:
+        """A context manager for the forward passes (mixed precision where the host runs it)."""
+
+
+class Previewer(Protocol):
+    """Optional host capability: render preview images for a prompt with pseudo-words."""
+
+    def preview(self, prompt: str, words: dict[str, WordVectors], seed: int, steps: int) -> Any:
+        """A PIL image of `prompt` sampled with the given word vectors."""
