@@ -1,0 +1,262 @@
+"""Read and write pseudo-word files in every layout users meet; never run pickled code.
+
+Written: SD1/SD2 `{"emb_params": [k, d]}` safetensors, SDXL `{"clip_l", "clip_g"}` safetensors,
+A1111 `.pt` (`string_to_param`) and diffusers `{token: tensor}` on request.
+Read: all of those plus OneTrainer's `emp_params`. Writes are atomic (temporary file in the same
+folder, then rename) and never replace an existing file unless asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+FORMATS = ("textinv", "a1111", "diffusers")
+# Width of each encoder key, used to name a family in error messages.
+FAMILY_BY_WIDTH = {768: "SD1.x / SDXL clip_l", 1024: "SD2.x", 1280: "SDXL clip_g"}
+_RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,99}$")
+
+
+class EmbeddingFileError(ValueError):
+    """A pseudo-word file that cannot be read, or cannot be used with the model at hand."""
+
+
+@dataclass
+class EmbeddingFile:
+    """Vectors of one pseudo-word: encoder key -> [k, width] (key '' when the file does not say)."""
+
+    vectors: dict[str, torch.Tensor]
+    name: str
+    format: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_vectors(self) -> int:
+        return next(iter(self.vectors.values())).shape[0]
+
+
+def validate_name(name: str) -> str:
+    """A pseudo-word name is also a file name in every OS: refuse what would break or escape."""
+    stripped = name.strip()
+    if not stripped:
+        raise EmbeddingFileError("The embedding name is empty: give a name such as 'my-cat'.")
+    if "/" in stripped or "\\" in stripped or ".." in stripped:
+        raise EmbeddingFileError(
+            f"The embedding name {name!r} contains '/', '\\' or '..': use a plain name such as 'my-cat'."
+        )
+    if not _NAME_RE.match(stripped) or stripped.endswith((".", " ")):
+        raise EmbeddingFileError(
+            f"The embedding name {name!r} has characters that are not allowed in file names: "
+            "use letters, digits, '-', '_' and '.', starting with a letter or digit."
+        )
+    if stripped.split(".")[0].upper() in _RESERVED_NAMES:
+        raise EmbeddingFileError(f"The embedding name {name!r} is reserved on Windows: pick another name.")
+    return stripped
+
+
+def vectors_hash(vectors: dict[str, torch.Tensor]) -> str:
+    """A short content hash of the vectors, stored in metadata to tell files apart."""
+    digest = hashlib.sha256()
+    for key in sorted(vectors):
+        digest.update(key.encode())
+        digest.update(vectors[key].detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def file_layout(vectors: dict[str, torch.Tensor], fmt: str, name: str, metadata: dict[str, str]) -> dict:
+    """The tensors dict a given format stores, in that format's key names."""
+    if fmt not in FORMATS:
+        raise EmbeddingFileError(f"Unknown embedding format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+    multi = len(vectors) > 1
+    if fmt == "textinv" or (multi and fmt == "a1111"):
+        # SDXL in A1111 is the same clip_l/clip_g safetensors layout.
+        if multi:
+            return {key: t for key, t in vectors.items()}
+        return {"emb_params": next(iter(vectors.values()))}
+    if multi:
+        raise EmbeddingFileError(
+            "The diffusers {token: tensor} form holds one encoder; SDXL words are saved as "
+            "clip_l/clip_g (format 'textinv'), which diffusers' SDXL pipeline loads per encoder."
+        )
+    tensor = next(iter(vectors.values()))
+    if fmt == "a1111":
+        return {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": tensor},
+            "name": name,
+            "step": int(metadata.get("textinv.steps", "0") or 0),
+            "sd_checkpoint": None,
+            "sd_checkpoint_name": None,
+        }
+    return {f"<{name}>": tensor}
+
+
+def default_suffix(fmt: str) -> str:
+    return ".pt" if fmt == "a1111" else ".safetensors"
+
+
+def save_embedding(
+    path: str | os.PathLike,
+    vectors: dict[str, torch.Tensor],
+    name: str,
+    fmt: str = "textinv",
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write atomically; refuse to replace an existing file unless `overwrite`."""
+    path = Path(path)
+    name = validate_name(name)
+    if not overwrite and path.exists():
+        raise FileExistsError(
+            f"{path} already exists: choose another name or output path, or allow overwriting."
+        )
+    meta = {"textinv.name": name, "textinv.vectors": str(next(iter(vectors.values())).shape[0])}
+    meta.update(metadata or {})
+    clean = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in vectors.items()}
+    meta["textinv.hash"] = vectors_hash(clean)
+    layout = file_layout(clean, fmt, name, meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if fmt == "a1111" and "string_to_param" in layout:
+            torch.save(layout, tmp_name)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(layout, tmp_name, metadata=meta)
+        _commit(Path(tmp_name), path, overwrite)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return path
+
+
+def _commit(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Rename into place; without overwrite, a hard link fails if a file appeared meanwhile."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists: choose another name or allow overwriting.") from None
+    except OSError:  # file systems without hard links
+        if path.exists():
+            raise FileExistsError(f"{path} already exists: choose another name or allow overwriting.") from None
+        os.replace(tmp, path)
+
+
+def load_embedding(path: str | os.PathLike) -> EmbeddingFile:
+    """Read any supported layout; `.pt`/`.bin` only through torch.load(weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EmbeddingFileError(f"No embedding file at {path}.")
+    if path.stat().st_size == 0:
+        raise EmbeddingFileError(f"{path} is empty (0 bytes): it is not an embedding file.")
+    metadata: dict[str, str] = {}
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+                data = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as error:  # safetensors raises several types for a damaged header
+            raise EmbeddingFileError(f"{path} is not a readable safetensors file ({error}).") from error
+    else:
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise EmbeddingFileError(
+                f"{path} contains pickled Python objects beyond plain tensors; it was refused "
+                "without running them. Use a .safetensors file, or re-save it from a trusted source."
+            ) from error
+        except Exception as error:
+            raise EmbeddingFileError(f"{path} is not a readable embedding file ({error}).") from error
+    vectors, fmt = _vectors_from_layout(data, path)
+    stored_name = data.get("name") if isinstance(data, dict) else None
+    name = metadata.get("textinv.name") or (stored_name if isinstance(stored_name, str) else path.stem)
+    return EmbeddingFile(vectors=vectors, name=name, format=fmt, metadata=metadata)
+
+
+def _vectors_from_layout(data: object, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    if not isinstance(data, dict) or not data:
+        raise EmbeddingFileError(f"{path} holds no tensors that look like an embedding.")
+    if "string_to_param" in data:
+        params = data["string_to_param"]
+        if not isinstance(params, dict) or not params:
+            raise EmbeddingFileError(f"{path}: 'string_to_param' is empty.")
+        return {"": _as_matrix(next(iter(params.values())), path)}, "a1111"
+    for key, fmt in (("emb_params", "textinv"), ("emp_params", "onetrainer")):
+        if key in data:
+            return {"": _as_matrix(data[key], path)}, fmt
+    per_encoder = {k: data[k] for k in ("clip_l", "clip_g", "clip_h") if k in data}
+    if per_encoder:
+        return {k: _as_matrix(v, path) for k, v in per_encoder.items()}, "textinv"
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) == 1:
+        return {"": _as_matrix(next(iter(tensors.values())), path)}, "diffusers"
+    raise EmbeddingFileError(
+        f"{path} does not look like an embedding: keys {sorted(map(str, data))[:6]}; expected "
+        "emb_params, string_to_param, clip_l/clip_g, or a single {token: tensor}."
+    )
+
+
+def _as_matrix(value: object, path: Path) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.dim() not in (1, 2) or value.numel() == 0:
+        raise EmbeddingFileError(f"{path}: the embedding is not a [vectors, width] tensor.")
+    tensor = value.detach().to(torch.float32)
+    return tensor.unsqueeze(0) if tensor.dim() == 1 else tensor
+
+
+def describe_width(width: int) -> str:
+    family = FAMILY_BY_WIDTH.get(width)
+    return f"{width} wide ({family})" if family else f"{width} wide"
+
+
+def vectors_for_encoders(embedding: EmbeddingFile, encoders: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Match a file's vectors to a model's encoders, or say clearly why they do not fit."""
+    source = embedding.vectors
+    if "" in source:
+        if len(encoders) != 1:
+            keys = ", ".join(f"{k} {describe_width(w)}" for k, w in encoders.items())
+            raise EmbeddingFileError(
+                f"Embedding '{embedding.name}' has one set of vectors, {describe_width(source[''].shape[1])}; "
+                f"this model needs one per text encoder ({keys}): it was trained for another model family."
+            )
+        source = {next(iter(encoders)): source[""]}
+    missing = [key for key in encoders if key not in source]
+    if missing:
+        have = ", ".join(f"{k} {describe_width(v.shape[1])}" for k, v in source.items())
+        raise EmbeddingFileError(
+            f"Embedding '{embedding.name}' has {have} but this model needs {', '.join(missing)}: "
+            "it was trained for another model family."
+        )
+    out = {}
+    for key, width in encoders.items():
+        got = source[key].shape[1]
+        if got != width:
+            raise EmbeddingFileError(
+                f"Embedding '{embedding.name}' is {describe_width(got)} but this model's text encoder "
+                f"'{key}' is {describe_width(width)}: it was trained for another model family."
+            )
+        out[key] = source[key]
+    counts = {t.shape[0] for t in out.values()}
+    if len(counts) != 1:
+        raise EmbeddingFileError(f"Embedding '{embedding.name}' has different vector counts per encoder.")
+    return out
+
+
+def metadata_json(values: dict) -> dict[str, str]:
+    """safetensors metadata holds only strings: store structured values as JSON."""
+    return {f"textinv.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}

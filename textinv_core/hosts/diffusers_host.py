@@ -1,0 +1,289 @@
+"""The Host protocol on diffusers/transformers components: SD1.x, SD2.x (eps or v) and SDXL.
+
+Pseudo-word vectors are spliced into the output of each text encoder's token-embedding layer by a
+forward hook that lives only for one `encode_text` call: the token table is never written, so
+every real word's row stays bit-identical, and gradients reach only the spliced vectors.
+Must never download anything: configs and tokenizers come from the model folder or the pack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..host import HostError, WordVectors
+
+log = logging.getLogger(__name__)
+MAX_TOKENS = 77
+SLOT_ID = 0  # any id but EOS: pooled outputs locate EOS with argmax(input_ids == eos)
+
+
+@dataclass
+class TextEncoder:
+    key: str
+    model: torch.nn.Module
+    tokenizer: object
+
+    @property
+    def width(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+
+@dataclass
+class Conditioning:
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
+def family_encoder_keys(family: str) -> list[str]:
+    return {"sd1": ["clip_l"], "sd2": ["clip_h"], "sdxl": ["clip_l", "clip_g"]}[family]
+
+
+class DiffusersHost:
+    """A loaded diffusers model as seen by the trainer; wraps the components, copies nothing."""
+
+    def __init__(self, components: dict, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        self.device = torch.device(device)
+        self.dtype = dtype or torch.float32
+        self.unet = components["unet"]
+        self.vae = components.get("vae")
+        self.scheduler = components["scheduler"]
+        models = [components["text_encoder"]] + ([components["text_encoder_2"]] if components.get("text_encoder_2") else [])
+        tokenizers = [components["tokenizer"]] + ([components["tokenizer_2"]] if components.get("tokenizer_2") else [])
+        self.family = components.get("family") or self._guess_family(models)
+        keys = family_encoder_keys(self.family) if self.family in ("sd1", "sd2", "sdxl") else ["clip_l"]
+        self.text_encoders = [TextEncoder(k, m, t) for k, m, t in zip(keys, models, tokenizers)]
+        for module in self._modules():
+            module.requires_grad_(False)
+            module.eval()
+            module.to(self.device)
+            if next(module.parameters()).dtype != self.dtype:
+                module.to(dtype=self.dtype)
+        self.encoders = {enc.key: enc.width for enc in self.text_encoders}
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise HostError(f"Prediction type {self.prediction_type!r} is not supported: use an eps or v model.")
+        self.num_timesteps = self.scheduler.config.num_train_timesteps
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        self._table_stats: dict[str, float] | None = None
+
+    # -- construction -------------------------------------------------------------------------
+    @staticmethod
+    def _guess_family(models: list) -> str:
+        if len(models) == 2:
+            return "sdxl"
+        return "sd2" if models[0].get_input_embeddings().weight.shape[1] == 1024 else "sd1"
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, **single_file_options):
+        """A diffusers folder or a single-file checkpoint (.safetensors/.ckpt), offline."""
+        path = Path(path)
+        if path.is_dir():
+            return cls.from_pretrained(path, device=device, dtype=dtype)
+        if path.is_file():
+            from .single_file import load_single_file
+
+            return cls(load_single_file(path, **single_file_options), device=device, dtype=dtype)
+        raise HostError(f"No model at {path}: give a diffusers folder or a .safetensors/.ckpt checkpoint.")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
+        """Load the parts of a diffusers folder that training needs (no safety checker, no hub)."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        from ..tokenizer import clip_tokenizer
+
+        folder = Path(folder)
+        index_file = folder / "model_index.json"
+        if not index_file.is_file():
+            raise HostError(f"{folder} has no model_index.json: it is not a diffusers model folder.")
+        index = json.loads(index_file.read_text())
+        parts: dict = {
+            "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True),
+            "scheduler": DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True),
+        }
+        if (folder / "vae").is_dir():
+            parts["vae"] = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+        for suffix, model_cls in (("", CLIPTextModel), ("_2", CLIPTextModelWithProjection)):
+            if f"text_encoder{suffix}" not in index or not (folder / f"text_encoder{suffix}").is_dir():
+                continue
+            parts[f"text_encoder{suffix}"] = model_cls.from_pretrained(
+                folder, subfolder=f"text_encoder{suffix}", local_files_only=True
+            )
+            tok_dir = folder / f"tokenizer{suffix}"
+            parts[f"tokenizer{suffix}"] = (
+                CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+                if tok_dir.is_dir() else clip_tokenizer("!" if suffix else "<|endoftext|>")
+            )
+        if "text_encoder" not in parts:
+            raise HostError(f"{folder} has no text_encoder folder: textual inversion needs one.")
+        return cls(parts, device=device, dtype=dtype)
+
+    def _modules(self) -> list[torch.nn.Module]:
+        mods = [self.unet] + [enc.model for enc in self.text_encoders]
+        return mods + ([self.vae] if self.vae is not None else [])
+
+    # -- text -----------------------------------------------------------------------------------
+    def word_vectors(self, text: str) -> WordVectors:
+        out = {}
+        for enc in self.text_encoders:
+            ids = enc.tokenizer(text, add_special_tokens=False).input_ids
+            table = enc.model.get_input_embeddings().weight
+            out[enc.key] = table[torch.tensor(ids, dtype=torch.long, device=table.device)].detach().float().cpu()
+        return out
+
+    def token_table_stats(self) -> dict[str, float]:
+        if self._table_stats is None:
+            self._table_stats = {
+                enc.key: float(enc.model.get_input_embeddings().weight.float().norm(dim=1).mean())
+                for enc in self.text_encoders
+            }
+        return self._table_stats
+
+    def nearest_tokens(self, vectors: WordVectors, k: int = 5) -> list[list[str]]:
+        """For each vector, the k real tokens with the highest cosine similarity (first encoder)."""
+        enc = self.text_encoders[0]
+        table = enc.model.get_input_embeddings().weight.float()
+        query = vectors[enc.key].to(table.device).float()
+        sims = torch.nn.functional.normalize(query, dim=1) @ torch.nn.functional.normalize(table, dim=1).T
+        ids = sims.topk(k, dim=1).indices.tolist()
+        return [enc.tokenizer.convert_ids_to_tokens(row) for row in ids]
+
+    def _tokenize(self, enc: TextEncoder, prompt: str, words: dict[str, WordVectors]):
+        """Token ids with slots, and per slot (position, vector row) for splicing."""
+        tok = enc.tokenizer
+        ids = [tok.bos_token_id]
+        slots: list[tuple[int, torch.Tensor]] = []
+        pieces = re.split("(" + "|".join(map(re.escape, sorted(words, key=len, reverse=True))) + ")", prompt) \
+            if words else [prompt]
+        for piece in pieces:
+            if piece in words:
+                for row in words[piece][enc.key]:
+                    slots.append((len(ids), row))
+                    ids.append(SLOT_ID)
+            elif piece.strip():
+                ids.extend(tok(piece, add_special_tokens=False).input_ids)
+        if len(ids) > MAX_TOKENS - 1:
+            if any(pos >= MAX_TOKENS - 1 for pos, _ in slots):
+                raise HostError(f"The prompt {prompt[:60]!r}... is longer than 75 tokens and cuts off a pseudo-word.")
+            ids = ids[: MAX_TOKENS - 1]
+        ids.append(tok.eos_token_id)
+        ids += [tok.pad_token_id] * (MAX_TOKENS - len(ids))
+        return ids, slots
+
+    def _encode_one(self, enc: TextEncoder, prompts: list[str], words: dict[str, WordVectors]):
+        batch_ids, rows, b_idx, p_idx = [], [], [], []
+        for b, prompt in enumerate(prompts):
+            ids, slots = self._tokenize(enc, prompt, words)
+            batch_ids.append(ids)
+            for pos, row in slots:
+                b_idx.append(b)
+                p_idx.append(pos)
+                rows.append(row)
+        input_ids = torch.tensor(batch_ids, dtype=torch.long, device=self.device)
+        embedding = enc.model.get_input_embeddings()
+
+        def splice(_module, _inputs, output):
+            if not rows:
+                return output
+            values = torch.stack(rows).to(device=output.device, dtype=output.dtype)
+            index = (torch.tensor(b_idx, device=output.device), torch.tensor(p_idx, device=output.device))
+            return output.index_put(index, values)
+
+        handle = embedding.register_forward_hook(splice)
+        try:
+            out = enc.model(input_ids, output_hidden_states=self.family == "sdxl")
+        finally:
+            handle.remove()
+        if self.family == "sdxl":
+            pooled = out.text_embeds if hasattr(out, "text_embeds") else None
+            return out.hidden_states[-2], pooled
+        return out.last_hidden_state, None
+
+    def encode_text(self, prompts: list[str], words: dict[str, WordVectors]) -> Conditioning:
+        hidden, pooled = [], None
+        for enc in self.text_encoders:
+            states, pool = self._encode_one(enc, prompts, words)
+            hidden.append(states)
+            pooled = pool if pool is not None else pooled
+        return Conditioning(torch.cat(hidden, dim=-1), pooled)
+
+    # -- images and diffusion -------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self.device, self.dtype)
+        if self.vae is None:  # pixel-space model
+            return pixels.float()
+        dist = self.vae.encode(pixels).latent_dist
+        latents = dist.mean
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).float()
+
+    def add_noise(self, latents, noise, timesteps):
+        return self.scheduler.add_noise(latents, noise, timesteps.cpu()).to(latents.dtype)
+
+    def target(self, latents, noise, timesteps):
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, timesteps.cpu()).to(latents.dtype)
+        return noise
+
+    def _added_cond(self, cond: Conditioning, latents: torch.Tensor) -> dict | None:
+        if self.family != "sdxl":
+            return None
+        h, w = latents.shape[-2] * self.vae_scale, latents.shape[-1] * self.vae_scale
+        time_ids = torch.tensor([h, w, 0, 0, h, w], device=self.device, dtype=cond.hidden.dtype)
+        return {"text_embeds": cond.pooled, "time_ids": time_ids.repeat(latents.shape[0], 1)}
+
+    def predict(self, noisy, timesteps, cond: Conditioning):
+        hidden = cond.hidden.to(self.dtype)
+        if hidden.shape[0] != noisy.shape[0]:
+            raise HostError("The batch of prompts and the batch of latents differ in size.")
+        added = self._added_cond(Conditioning(hidden, None if cond.pooled is None else cond.pooled.to(self.dtype)), noisy)
+        out = self.unet(noisy.to(self.dtype), timesteps.to(self.device), encoder_hidden_states=hidden,
+                        added_cond_kwargs=added).sample
+        return out.float()
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    # -- previews -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_latents(self, prompt: str, words: dict[str, WordVectors], seed: int, steps: int = 20,
+                       size: int = 64, guidance: float = 5.0) -> torch.Tensor:
+        """DDIM sampling with classifier-free guidance; latents at `size` pixels."""
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps)
+        cond = self.encode_text([prompt, ""], words)
+        channels = self.unet.config.in_channels
+        side = size // self.vae_scale
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(1, channels, side, side, generator=generator).to(self.device) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            pair = torch.cat([x, x])
+            out = self.predict(scheduler.scale_model_input(pair, t), t.repeat(2), cond)
+            guided = out[1:] + guidance * (out[:1] - out[1:])
+            x = scheduler.step(guided, t, x).prev_sample
+        return x
+
+    @torch.no_grad()
+    def preview(self, prompt: str, words: dict[str, WordVectors], seed: int = 0, steps: int = 20, size: int = 64):
+        """A PIL image of `prompt` sampled with the given word vectors."""
+        from PIL import Image
+
+        latents = self.sample_latents(prompt, words, seed, steps, size)
+        if self.vae is not None:
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            latents = self.vae.decode((latents / self.vae.config.scaling_factor + shift).to(self.dtype)).sample
+        pixels = ((latents[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(pixels)
