@@ -22,6 +22,7 @@ import torch
 from .data import as_pil_list, images_fingerprint, masks_to_tensor, pixels_from_images
 from .embedding_file import save_embedding, validate_name
 from .host import Host, WordVectors
+from .observer import TrainingObserver
 from .templates import EVAL_TEMPLATE, IMAGE_TOKEN_SETS, TEMPLATE_SETS, fill_caption
 
 log = logging.getLogger(__name__)
@@ -100,19 +101,6 @@ class TrainResult:
     train_losses: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     snapshot_path: Path | None = None
-
-
-class TrainingObserver:
-    """Progress hooks; override what you need. `should_stop` is polled between steps."""
-
-    def on_step(self, step: int, total: int, loss: float) -> None: ...
-
-    def on_eval(self, step: int, eval_loss: float) -> None: ...
-
-    def on_snapshot(self, step: int, path: Path) -> None: ...
-
-    def should_stop(self) -> bool:
-        return False
 
 
 # -- initialisation ------------------------------------------------------------------------------
