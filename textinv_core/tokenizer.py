@@ -18,5 +18,5 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer(
-        str(ASSET_DIR / "vocab.json"), str(ASSET_DIR / "merges.txt"), pad_token=pad_token
+        str(ASSET_DIR / "vocab.json"), str(ASSET_DIR / "merges.txt"), pad_token=pad_token, model_max_length=77
     )

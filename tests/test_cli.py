@@ -1,0 +1,91 @@
+"""`textinv` end to end, and its promise: a bad input is one error line and nothing written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from textinv_core.cli import main
+from textinv_core.embedding_file import load_embedding
+
+from .conftest import make_images
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(make_images(3)):
+        image.save(folder / f"{i}.png")
+    return folder
+
+
+def run(model, images, out, *extra):
+    return main(["train", "--model", str(model), "--images", str(images), "--name", "my-cat",
+                 "--init-word", "cat", "--steps", "6", "--resolution", "32", "--batch", "2", "--lr", "0.05",
+                 "--eval-every", "3", "--snapshot-every", "3", "--output", str(out), *extra])
+
+
+def test_train_writes_a_loadable_embedding_and_info_describes_it(tiny_sd1_folder, image_dir, tmp_path, capsys):
+    out = tmp_path / "out" / "my-cat.safetensors"
+    assert run(tiny_sd1_folder, image_dir, out) == 0
+    assert "eval loss" in capsys.readouterr().out
+    emb = load_embedding(out)
+    assert emb.vectors[""].shape == (1, 768) and emb.metadata["textinv.family"] == "sd1"
+    assert main(["info", str(out), "--model", str(tiny_sd1_folder)]) == 0
+    text = capsys.readouterr().out
+    assert "emb_params" not in text and "vectors: 1" in text and "nearest tokens" in text
+
+
+def test_train_resumes_from_its_snapshots(tiny_sd1_folder, image_dir, tmp_path):
+    whole = tmp_path / "whole.safetensors"
+    assert run(tiny_sd1_folder, image_dir, whole) == 0
+    part = tmp_path / "part.safetensors"
+    assert main(["train", "--model", str(tiny_sd1_folder), "--images", str(image_dir), "--name", "my-cat",
+                 "--init-word", "cat", "--steps", "3", "--resolution", "32", "--batch", "2", "--lr", "0.05",
+                 "--eval-every", "3", "--snapshot-every", "3", "--output", str(part)]) == 0
+    resumed = tmp_path / "resumed.safetensors"
+    assert run(tiny_sd1_folder, image_dir, resumed, "--resume", str(tmp_path / "part.snapshots")) == 0
+    assert torch.equal(load_embedding(whole).vectors[""], load_embedding(resumed).vectors[""])
+
+
+@pytest.mark.parametrize("case", ["no-images", "zero-byte", "bad-name", "zero-steps", "empty-init"])
+def test_bad_inputs_give_one_error_and_write_nothing(tiny_sd1_folder, image_dir, tmp_path, capsys, case):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = {"images": image_dir, "name": "my-cat", "steps": "6", "init": "cat"}
+    if case == "no-images":
+        args["images"] = tmp_path / "empty"
+        args["images"].mkdir()
+    elif case == "zero-byte":
+        (image_dir / "zero.png").write_bytes(b"")
+    elif case == "bad-name":
+        args["name"] = "../escape"
+    elif case == "zero-steps":
+        args["steps"] = "0"
+    else:
+        args["init"] = " "
+    code = main(["train", "--model", str(tiny_sd1_folder), "--images", str(args["images"]), "--name", args["name"],
+                 "--init-word", args["init"], "--steps", args["steps"], "--resolution", "32",
+                 "--output", str(out_dir / "w.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("textinv: error:") == 1 and "Traceback" not in err
+    assert list(out_dir.iterdir()) == []
+    assert not (tmp_path / "escape.safetensors").exists()
+
+
+def test_existing_output_is_kept(tiny_sd1_folder, image_dir, tmp_path, capsys):
+    out = tmp_path / "w.safetensors"
+    out.write_bytes(b"precious")
+    assert run(tiny_sd1_folder, image_dir, out) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious"
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    from textinv_core.demo import run_demo
+
+    run_demo(tmp_path / "demo", steps=10)
+    names = {p.name for p in (tmp_path / "demo").iterdir()}
+    assert {"demo-ring.safetensors", "loss.png", "before_after.png"} <= names
