@@ -147,7 +147,8 @@ def run_reference(size: str, steps: int, warmup: int, seed: int) -> dict:
         pixels = pixels_all[index]
         flip = torch.rand(batch, generator=generator) < 0.5
         pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-        prompts = [OBJECT[int(j)].format("<bench>") for j in torch.randint(0, len(OBJECT), (batch,), generator=generator)]
+        choice = torch.randint(0, len(OBJECT), (batch,), generator=generator)
+        prompts = [OBJECT[int(j)].format("<bench>") for j in choice]
         input_ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=77,
                               return_tensors="pt").input_ids
         latents = vae.encode(pixels).latent_dist.sample().detach() * vae.config.scaling_factor

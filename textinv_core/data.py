@@ -7,8 +7,8 @@ tensors [B, H, W, C] in [0, 1]. Unreadable inputs fail with one error that names
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch

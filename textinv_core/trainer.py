@@ -73,7 +73,9 @@ class TrainConfig:
             raise TrainingError(f"templates must be object, style or captions (got {self.templates!r}).")
         if self.templates == "captions" and (not self.captions or len(self.captions) != image_count):
             got = len(self.captions or [])
-            raise TrainingError(f"templates=captions needs one caption per image: {image_count} images, {got} captions.")
+            raise TrainingError(
+                f"templates=captions needs one caption per image: {image_count} images, {got} captions."
+            )
         if len(self.progressive_steps) >= self.num_vectors:
             raise TrainingError("progressive steps add one vector each: vectors must exceed their count.")
         if self.per_image_tokens and self.templates == "captions":
@@ -192,7 +194,8 @@ class Trainer:
             return fill_caption(cfg.captions[image_index], cfg.placeholder, cfg.name)
         if self.image_vectors:
             templates = IMAGE_TOKEN_SETS[cfg.templates]
-            return templates[template_index % len(templates)].format(cfg.placeholder, self.image_placeholder(image_index))
+            template = templates[template_index % len(templates)]
+            return template.format(cfg.placeholder, self.image_placeholder(image_index))
         templates = TEMPLATE_SETS[cfg.templates]
         return templates[template_index % len(templates)].format(cfg.placeholder)
 
@@ -392,7 +395,8 @@ class Trainer:
             state = {k: handle.get_tensor(k) for k in handle.keys()}
         saved = meta["config"]
         mine = asdict(self.config)
-        differing = [k for k in mine if k not in ("steps", "snapshot_every") and json.dumps(saved.get(k)) != json.dumps(mine[k])]
+        may_change = ("steps", "snapshot_every")
+        differing = [k for k in mine if k not in may_change and json.dumps(saved.get(k)) != json.dumps(mine[k])]
         if differing:
             raise TrainingError(f"Cannot resume: settings differ from the saved run ({', '.join(differing)}).")
         if meta["fingerprint"] != self.fingerprint:

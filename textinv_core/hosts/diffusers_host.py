@@ -54,8 +54,9 @@ class DiffusersHost:
         self.unet = components["unet"]
         self.vae = components.get("vae")
         self.scheduler = components["scheduler"]
-        models = [components["text_encoder"]] + ([components["text_encoder_2"]] if components.get("text_encoder_2") else [])
-        tokenizers = [components["tokenizer"]] + ([components["tokenizer_2"]] if components.get("tokenizer_2") else [])
+        second = ["_2"] if components.get("text_encoder_2") is not None else []
+        models = [components[f"text_encoder{s}"] for s in ["", *second]]
+        tokenizers = [components[f"tokenizer{s}"] for s in ["", *second]]
         self.family = components.get("family") or self._guess_family(models)
         keys = family_encoder_keys(self.family) if self.family in ("sd1", "sd2", "sdxl") else ["clip_l"]
         self.text_encoders = [TextEncoder(k, m, t) for k, m, t in zip(keys, models, tokenizers)]
@@ -245,7 +246,8 @@ class DiffusersHost:
         hidden = cond.hidden.to(self.dtype)
         if hidden.shape[0] != noisy.shape[0]:
             raise HostError("The batch of prompts and the batch of latents differ in size.")
-        added = self._added_cond(Conditioning(hidden, None if cond.pooled is None else cond.pooled.to(self.dtype)), noisy)
+        pooled = None if cond.pooled is None else cond.pooled.to(self.dtype)
+        added = self._added_cond(Conditioning(hidden, pooled), noisy)
         out = self.unet(noisy.to(self.dtype), timesteps.to(self.device), encoder_hidden_states=hidden,
                         added_cond_kwargs=added).sample
         return out.float()
