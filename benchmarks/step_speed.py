@@ -6,9 +6,14 @@ token table trainable; AdamW over the whole table; after each step copy back eve
 new one. Ours is textinv's Trainer: latents cached once, k vectors spliced in by a hook, AdamW over
 those vectors only. Same model weights, images, batch, resolution, seed and precision.
 
+Precision: fp32 runs everything in fp32. bf16 follows each side's own mixed-precision policy: the
+example casts UNet and VAE to bf16 but must keep the text encoder (whose table it trains) in fp32
+under autocast; ours runs every frozen module in bf16 and keeps only the vectors and their AdamW
+state in fp32.
+
 Each side runs in its own subprocess so peak memory is its own.
 Run:  python benchmarks/step_speed.py                  (tiny model, then full-size SD1.5 at 256 px)
-      python benchmarks/step_speed.py --sizes tiny --steps 20
+      python benchmarks/step_speed.py --sizes tiny --steps 20 --precision bf16
 """
 
 from __future__ import annotations
@@ -76,14 +81,14 @@ def rss_mb() -> float:
 
 
 # -- ours -------------------------------------------------------------------------------------------
-def run_ours(size: str, steps: int, warmup: int, seed: int) -> dict:
+def run_ours(size: str, steps: int, warmup: int, seed: int, precision: str) -> dict:
     import torch
 
     from textinv_core.hosts.diffusers_host import DiffusersHost
     from textinv_core.trainer import TrainConfig, Trainer
 
     resolution, batch = SIZES[size]
-    host = DiffusersHost(components(size, seed))
+    host = DiffusersHost(components(size, seed), dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     base = rss_mb()
     config = TrainConfig(name="bench", init_word="cat", steps=steps + warmup, learning_rate=5e-3,
                          batch_size=batch, resolution=resolution, seed=seed, eval_draws=1)
@@ -107,7 +112,7 @@ def run_ours(size: str, steps: int, warmup: int, seed: int) -> dict:
 
 
 # -- reference (diffusers examples/textual_inversion per-step work) -------------------------------
-def run_reference(size: str, steps: int, warmup: int, seed: int) -> dict:
+def run_reference(size: str, steps: int, warmup: int, seed: int, precision: str) -> dict:
     import copy
 
     import torch
@@ -134,6 +139,10 @@ def run_reference(size: str, steps: int, warmup: int, seed: int) -> dict:
     text_encoder.requires_grad_(False)  # the example freezes encoder, final norm and positions ...
     text_encoder.get_input_embeddings().requires_grad_(True)  # ... and trains the whole token table
     text_encoder.train()
+    weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    unet.to(dtype=weight_dtype)
+    vae.to(dtype=weight_dtype)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     optimizer = torch.optim.AdamW(text_encoder.get_input_embeddings().parameters(), lr=5e-3 * batch,
                                   betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     orig_embeds = table.data.clone()
@@ -151,12 +160,13 @@ def run_reference(size: str, steps: int, warmup: int, seed: int) -> dict:
         prompts = [OBJECT[int(j)].format("<bench>") for j in choice]
         input_ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=77,
                               return_tensors="pt").input_ids
-        latents = vae.encode(pixels).latent_dist.sample().detach() * vae.config.scaling_factor
+        latents = vae.encode(pixels.to(weight_dtype)).latent_dist.sample().detach() * vae.config.scaling_factor
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        hidden = text_encoder(input_ids)[0]
-        pred = unet(noisy, timesteps, hidden).sample
+        with autocast:
+            hidden = text_encoder(input_ids)[0].to(weight_dtype)
+            pred = unet(noisy, timesteps, hidden).sample
         loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
         loss.backward()
         optimizer.step()
@@ -180,12 +190,13 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     run = run_ours if args.worker == "ours" else run_reference
-    print(json.dumps(run(args.size, args.steps, args.warmup, args.seed)))
+    print(json.dumps(run(args.size, args.steps, args.warmup, args.seed, args.precision)))
 
 
 def measure(side: str, size: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--size", size, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--seed", str(args.seed), "--threads", str(args.threads)]
+           "--warmup", str(args.warmup), "--seed", str(args.seed), "--threads", str(args.threads),
+           "--precision", args.precision]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -205,6 +216,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -213,7 +225,7 @@ def main() -> None:
         return
     import torch
 
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32, CPU; median of {args.steps} steps "
+    print(f"torch {torch.__version__}, CPU, {args.threads} threads, {args.precision}; median of {args.steps} steps "
           f"after {args.warmup} warm-up")
     header = f"{'model':<6} {'res':>4} {'batch':>5} | {'side':<9} | {'s/step':>8} | {'peak RSS':>9} | " \
              f"{'RSS over weights':>16} | {'trainable':>9} | {'optim state':>11}"
