@@ -226,3 +226,26 @@ def test_vectors_and_optimizer_stay_fp32_under_bf16_model(images):
     assert param.dtype == torch.float32
     assert all(v.dtype == torch.float32 for v in trainer.optimizer.state[param].values())
     assert next(host.unet.parameters()).dtype == torch.bfloat16
+
+
+class Collect(TrainingObserver):
+    def __init__(self):
+        self.steps, self.evals, self.previews = [], [], []
+
+    def on_step(self, step, total, loss):
+        self.steps.append((step, total, loss))
+
+    def on_eval(self, step, eval_loss):
+        self.evals.append(step)
+
+    def on_preview(self, step, image):
+        self.previews.append((step, image.size))
+
+
+def test_observer_sees_progress_loss_evaluations_and_previews(tiny_host, images):
+    observer = Collect()
+    train(tiny_host("sd1"), images, small_config(steps=6, eval_every=3, preview_every=3), observer=observer)
+    assert [s for s, _, _ in observer.steps] == [1, 2, 3, 4, 5, 6] and observer.steps[0][1] == 6
+    assert all(math.isfinite(loss) for _, _, loss in observer.steps)
+    assert observer.evals == [0, 3, 6]
+    assert observer.previews == [(3, (32, 32)), (6, (32, 32))]

@@ -54,6 +54,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--resume", help="snapshot folder of an interrupted run with the same settings")
     a("--snapshot-every", type=int, default=100, help="steps between snapshots (0: only on stop)")
     a("--eval-every", type=int, default=50, help="steps between evaluation-loss measurements")
+    a("--preview-every", type=int, default=0, help="steps between preview PNGs in the snapshot folder (0: off)")
     a("--early-stop", type=int, default=0, help="stop after this many evaluations without improvement (0: off)")
     a("--max-norm", type=float, default=0.0, help="cap each vector's norm at this x the mean word norm (0: off)")
     a("--init-pull", type=float, default=0.0, help="L2 pull toward the init word (paper's LDM code; 0: off)")
@@ -87,12 +88,13 @@ def train_command(args: argparse.Namespace) -> int:
         captions=captions, seed=args.seed, flip=not args.no_flip, init_pull=args.init_pull,
         max_norm_ratio=args.max_norm, progressive_steps=progressive, per_image_tokens=args.per_image_tokens,
         eval_every=args.eval_every, early_stop_patience=args.early_stop, snapshot_every=args.snapshot_every,
+        preview_every=args.preview_every,
     )
     config.validate(len(images))
     host = DiffusersHost.load(args.model, device=_device(args.device), dtype=_dtype(args.dtype),
                               **({"prediction_type": args.prediction} if args.prediction else {}))
     snapshots = output.with_name(f"{output.stem}.snapshots")
-    trainer = Trainer(host, images, config, observer=ProgressBar(), snapshot_dir=snapshots)
+    trainer = Trainer(host, images, config, observer=ProgressBar(snapshots), snapshot_dir=snapshots)
     if args.resume:
         trainer.load_state(args.resume)
     try:
@@ -121,9 +123,10 @@ def _read_caption(image_path: Path) -> str:
 class ProgressBar(TrainingObserver):
     """tqdm progress with the latest training and evaluation loss."""
 
-    def __init__(self) -> None:
+    def __init__(self, preview_dir: Path | None = None) -> None:
         self.bar = None
         self.eval_loss = float("nan")
+        self.preview_dir = preview_dir
 
     def on_step(self, step: int, total: int, loss: float) -> None:
         from tqdm import tqdm
@@ -140,6 +143,11 @@ class ProgressBar(TrainingObserver):
 
     def on_snapshot(self, step: int, path: Path) -> None:
         log.debug("snapshot %s", path)
+
+    def on_preview(self, step: int, image) -> None:
+        if self.preview_dir is not None:
+            self.preview_dir.mkdir(parents=True, exist_ok=True)
+            image.save(self.preview_dir / f"preview-step{step:06d}.png")
 
 
 def info_command(args: argparse.Namespace) -> int:

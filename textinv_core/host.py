@@ -76,5 +76,5 @@ class Host(Protocol):
 class Previewer(Protocol):
     """Optional host capability: render preview images for a prompt with pseudo-words."""
 
-    def preview(self, prompt: str, words: dict[str, WordVectors], seed: int, steps: int) -> Any:
+    def preview(self, prompt: str, words: dict[str, WordVectors], seed: int, size: int) -> Any:
         """A PIL image of `prompt` sampled with the given word vectors."""

@@ -6,6 +6,7 @@ Kept free of torch so front ends can import it cheaply.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class TrainingObserver:
@@ -16,6 +17,9 @@ class TrainingObserver:
     def on_eval(self, step: int, eval_loss: float) -> None: ...
 
     def on_snapshot(self, step: int, path: Path) -> None: ...
+
+    def on_preview(self, step: int, image: Any) -> None:
+        """`image` is whatever the host's `preview` returns (a PIL image for the built-in hosts)."""
 
     def should_stop(self) -> bool:
         return False

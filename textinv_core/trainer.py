@@ -58,6 +58,8 @@ class TrainConfig:
     early_stop_patience: int = 0       # evaluations without improvement before stopping (0 = off)
     early_stop_min_delta: float = 0.01  # relative improvement that counts
     snapshot_every: int = 0            # steps between snapshots (0 = only on cancel/NaN/end)
+    preview_every: int = 0             # steps between preview images, if the host can sample (0 = off)
+    preview_prompt: str = ""           # "{}" marks the word; default: the evaluation template
 
     def validate(self, image_count: int) -> None:
         validate_name(self.name)
@@ -302,6 +304,8 @@ class Trainer:
                 stop_early = self._record_eval()
             if cfg.snapshot_every and self.step % cfg.snapshot_every == 0:
                 self.snapshot()
+            if cfg.preview_every and self.step % cfg.preview_every == 0:
+                self.preview()
             if stop_early:
                 reason = "early_stop"
                 break
@@ -331,6 +335,19 @@ class Trainer:
             self.best = (value, self.step, {k: v.detach().clone() for k, v in self.vectors.items()})
         patience = self.config.early_stop_patience
         return bool(patience) and self.stale_evals >= patience
+
+    def preview(self):
+        """Sample one image of the word as it stands, for hosts that implement `preview`."""
+        sample = getattr(self.host, "preview", None)
+        if sample is None:
+            return None
+        template = self.config.preview_prompt or EVAL_TEMPLATE.get(self.config.templates, "a photo of a {}")
+        prompt = template.replace("{}", self.config.placeholder)
+        words = {self.config.placeholder: {k: v.detach() for k, v in self.vectors.items()}}
+        with torch.no_grad():
+            image = sample(prompt, words, seed=self.config.seed, size=self.config.resolution)
+        self.observer.on_preview(self.step, image)
+        return image
 
     # -- snapshots -----------------------------------------------------------------------------
     def snapshot(self) -> Path | None:
