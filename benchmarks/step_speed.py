@@ -76,8 +76,44 @@ def images(count: int = 4, seed: int = 0):
     return [Image.fromarray(rng.integers(0, 255, (300, 280, 3), dtype=np.uint8)) for _ in range(count)]
 
 
-def rss_mb() -> float:
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakRss:
+    """Peak resident memory while training steps run, sampled every 2 ms after construction memory
+    is released (the process-wide maximum would only show how the random model was built)."""
+
+    def __enter__(self):
+        import ctypes
+        import gc
+        import threading
+
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.base = current_rss_mb()
+        self.peak = self.base
+        self.running = True
+
+        def sample():
+            while self.running:
+                self.peak = max(self.peak, current_rss_mb())
+                time.sleep(0.002)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
 
 
 # -- ours -------------------------------------------------------------------------------------------
@@ -89,25 +125,25 @@ def run_ours(size: str, steps: int, warmup: int, seed: int, precision: str) -> d
 
     resolution, batch = SIZES[size]
     host = DiffusersHost(components(size, seed), dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
-    base = rss_mb()
     config = TrainConfig(name="bench", init_word="cat", steps=steps + warmup, learning_rate=5e-3,
                          batch_size=batch, resolution=resolution, seed=seed, eval_draws=1)
-    start = time.perf_counter()
-    trainer = Trainer(host, images(), config)
-    setup = time.perf_counter() - start
-    times = []
-    for i in range(steps + warmup):
+    with PeakRss() as memory:
         start = time.perf_counter()
-        trainer._train_step()
-        trainer.step += 1
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+        trainer = Trainer(host, images(), config)
+        setup = time.perf_counter() - start
+        times = []
+        for i in range(steps + warmup):
+            start = time.perf_counter()
+            trainer._train_step()
+            trainer.step += 1
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
     params = trainer.optimizer.param_groups[0]["params"]
     state = sum(t.numel() * t.element_size() for p in params for t in trainer.optimizer.state[p].values()
                 if t.dim() > 0)
     trainable = sum(p.numel() * p.element_size() for p in params)
     assert all(p.dtype == torch.float32 for p in params)
-    return {"step_s": statistics.median(times), "setup_s": setup, "peak_mb": rss_mb(), "base_mb": base,
+    return {"step_s": statistics.median(times), "setup_s": setup, "peak_mb": memory.peak, "base_mb": memory.base,
             "trainable_bytes": trainable, "optim_bytes": state}
 
 
@@ -123,7 +159,7 @@ def run_reference(size: str, steps: int, warmup: int, seed: int, precision: str)
 
     resolution, batch = SIZES[size]
     parts = components(size, seed)
-    base = rss_mb()
+    memory = PeakRss().__enter__()
     tokenizer = copy.deepcopy(parts["tokenizer"])
     text_encoder, vae, unet, scheduler = parts["text_encoder"], parts["vae"], parts["unet"], parts["scheduler"]
     start = time.perf_counter()
@@ -177,10 +213,11 @@ def run_reference(size: str, steps: int, warmup: int, seed: int, precision: str)
             text_encoder.get_input_embeddings().weight[keep] = orig_embeds[keep]
         if i >= warmup:
             times.append(time.perf_counter() - start)
+    memory.__exit__()
     params = list(text_encoder.get_input_embeddings().parameters())
     state = sum(t.numel() * t.element_size() for p in params for t in optimizer.state[p].values() if t.dim() > 0)
     trainable = sum(p.numel() * p.element_size() for p in params)
-    return {"step_s": statistics.median(times), "setup_s": setup, "peak_mb": rss_mb(), "base_mb": base,
+    return {"step_s": statistics.median(times), "setup_s": setup, "peak_mb": memory.peak, "base_mb": memory.base,
             "trainable_bytes": trainable, "optim_bytes": state}
 
 
@@ -193,10 +230,10 @@ def worker(args) -> None:
     print(json.dumps(run(args.size, args.steps, args.warmup, args.seed, args.precision)))
 
 
-def measure(side: str, size: str, args) -> dict:
+def measure(side: str, size: str, precision: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--size", size, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--seed", str(args.seed), "--threads", str(args.threads),
-           "--precision", args.precision]
+           "--precision", precision]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -216,7 +253,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
     parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -225,25 +262,28 @@ def main() -> None:
         return
     import torch
 
-    print(f"torch {torch.__version__}, CPU, {args.threads} threads, {args.precision}; median of {args.steps} steps "
-          f"after {args.warmup} warm-up")
-    header = f"{'model':<6} {'res':>4} {'batch':>5} | {'side':<9} | {'s/step':>8} | {'peak RSS':>9} | " \
-             f"{'RSS over weights':>16} | {'trainable':>9} | {'optim state':>11}"
+    print(f"torch {torch.__version__}, CPU, {args.threads} threads; median of {args.steps} steps after "
+          f"{args.warmup} warm-up; train peak = resident memory while steps run")
+    header = f"{'model':<6} {'res':>4} {'batch':>5} {'prec':>5} | {'side':<9} | {'s/step':>8} | {'train peak':>10} | " \
+             f"{'over weights':>12} | {'trainable':>9} | {'optim state':>11}"
     print(header)
     print("-" * len(header))
     for size in args.sizes.split(","):
         resolution, batch = SIZES[size]
-        rows = {side: measure(side, size, args) for side in ("reference", "ours")}
-        for side, r in rows.items():
-            print(f"{size:<6} {resolution:>4} {batch:>5} | {side:<9} | {r['step_s']:>8.3f} | {r['peak_mb']:>6.0f} MB"
-                  f" | {r['peak_mb'] - r['base_mb']:>13.0f} MB | {human(r['trainable_bytes']):>9} | "
-                  f"{human(r['optim_bytes']):>11}")
-        ref, ours = rows["reference"], rows["ours"]
-        print(f"{size:<6} {'':>4} {'':>5} | {'ratio':<9} | {ref['step_s'] / ours['step_s']:>7.1f}x | "
-              f"{ref['peak_mb'] / ours['peak_mb']:>8.2f}x | {'':>16} | "
-              f"{ref['trainable_bytes'] / ours['trainable_bytes']:>8.0f}x | "
-              f"{ref['optim_bytes'] / max(ours['optim_bytes'], 1):>10.0f}x")
-        print("-" * len(header))
+        for precision in args.precision.split(","):
+            rows = {side: measure(side, size, precision, args) for side in ("reference", "ours")}
+            lead = f"{size:<6} {resolution:>4} {batch:>5} {precision:>5}"
+            for side, r in rows.items():
+                print(f"{lead} | {side:<9} | {r['step_s']:>8.3f} | {r['peak_mb']:>7.0f} MB"
+                      f" | {r['peak_mb'] - r['base_mb']:>9.0f} MB | {human(r['trainable_bytes']):>9} | "
+                      f"{human(r['optim_bytes']):>11}")
+            ref, ours = rows["reference"], rows["ours"]
+            print(f"{lead} | {'ratio':<9} | {ref['step_s'] / ours['step_s']:>7.1f}x | "
+                  f"{ref['peak_mb'] / ours['peak_mb']:>9.2f}x | "
+                  f"{(ref['peak_mb'] - ref['base_mb']) / max(ours['peak_mb'] - ours['base_mb'], 1):>11.1f}x | "
+                  f"{ref['trainable_bytes'] / ours['trainable_bytes']:>8.0f}x | "
+                  f"{ref['optim_bytes'] / max(ours['optim_bytes'], 1):>10.0f}x")
+            print("-" * len(header))
 
 
 if __name__ == "__main__":

@@ -157,3 +157,16 @@ def test_sd1_emb_params_file_loads_through_diffusers_with_a_token(tmp_path, tiny
     learned = pipe.encode_prompt("a photo of <w>", "cpu", 1, False)[0]
     ours = tiny_host("sd1").encode_text(["a photo of <w>"], {"<w>": vectors}).hidden
     torch.testing.assert_close(ours, learned, rtol=1e-4, atol=1e-5)
+
+
+def test_container_follows_layout_not_wishes(tmp_path):
+    from textinv_core.embedding_file import check_format, default_suffix
+
+    assert default_suffix("a1111", 1) == ".pt" and default_suffix("a1111", 2) == ".safetensors"
+    with pytest.raises(EmbeddingFileError, match="clip_l/clip_g"):
+        check_format("diffusers", 2)
+    with pytest.raises(EmbeddingFileError, match="stored as .safetensors"):
+        save_embedding(tmp_path / "xl.pt", SDXL, "xl", fmt="a1111")
+    with pytest.raises(EmbeddingFileError, match="stored as .pt"):
+        save_embedding(tmp_path / "w.safetensors", SD1, "w", fmt="a1111")
+    assert list(tmp_path.iterdir()) == []

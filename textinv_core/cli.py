@@ -68,14 +68,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train_command(args: argparse.Namespace) -> int:
     from .data import find_image_files, load_images
-    from .embedding_file import default_suffix, save_embedding, validate_name
+    from .embedding_file import check_format, default_suffix, save_embedding, validate_name
     from .hosts.diffusers_host import DiffusersHost
     from .trainer import TrainConfig, Trainer
 
     name = validate_name(args.name)
-    output = Path(args.output) if args.output else Path(f"{name}{default_suffix(args.format)}")
-    if output.exists() and not args.overwrite:
-        raise FileExistsError(f"{output} already exists: pass --overwrite or choose another --output.")
+    if args.output:  # checked before the (slow) model load; the default name is checked after it
+        _check_output(Path(args.output), args.overwrite, name)
     files = find_image_files(args.images)
     images = load_images(files)
     captions = None
@@ -93,6 +92,9 @@ def train_command(args: argparse.Namespace) -> int:
     config.validate(len(images))
     host = DiffusersHost.load(args.model, device=_device(args.device), dtype=_dtype(args.dtype),
                               **({"prediction_type": args.prediction} if args.prediction else {}))
+    check_format(args.format, len(host.encoders))
+    output = Path(args.output) if args.output else Path(f"{name}{default_suffix(args.format, len(host.encoders))}")
+    _check_output(output, args.overwrite, name)
     snapshots = output.with_name(f"{output.stem}.snapshots")
     trainer = Trainer(host, images, config, observer=ProgressBar(snapshots), snapshot_dir=snapshots)
     if args.resume:
@@ -111,6 +113,13 @@ def train_command(args: argparse.Namespace) -> int:
           f"(best, step {result.best_step}); {result.stopped_reason} after {result.steps_run} steps")
     print(f"wrote {output}; use it as <{name}> or embedding:{name}")
     return 0
+
+
+def _check_output(output: Path, overwrite: bool, name: str) -> None:
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a folder: give a file name such as {output / name}.safetensors.")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists: pass --overwrite or choose another --output.")
 
 
 def _read_caption(image_path: Path) -> str:

@@ -74,19 +74,13 @@ def vectors_hash(vectors: dict[str, torch.Tensor]) -> str:
 
 def file_layout(vectors: dict[str, torch.Tensor], fmt: str, name: str, metadata: dict[str, str]) -> dict:
     """The tensors dict a given format stores, in that format's key names."""
-    if fmt not in FORMATS:
-        raise EmbeddingFileError(f"Unknown embedding format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+    check_format(fmt, len(vectors))
     multi = len(vectors) > 1
     if fmt == "textinv" or (multi and fmt == "a1111"):
         # SDXL in A1111 is the same clip_l/clip_g safetensors layout.
         if multi:
             return {key: t for key, t in vectors.items()}
         return {"emb_params": next(iter(vectors.values()))}
-    if multi:
-        raise EmbeddingFileError(
-            "The diffusers {token: tensor} form holds one encoder; SDXL words are saved as "
-            "clip_l/clip_g (format 'textinv'), which diffusers' SDXL pipeline loads per encoder."
-        )
     tensor = next(iter(vectors.values()))
     if fmt == "a1111":
         return {
@@ -100,8 +94,20 @@ def file_layout(vectors: dict[str, torch.Tensor], fmt: str, name: str, metadata:
     return {f"<{name}>": tensor}
 
 
-def default_suffix(fmt: str) -> str:
-    return ".pt" if fmt == "a1111" else ".safetensors"
+def check_format(fmt: str, encoder_count: int) -> None:
+    """Refuse, before any training, a format that cannot hold this model's word."""
+    if fmt not in FORMATS:
+        raise EmbeddingFileError(f"Unknown embedding format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+    if fmt == "diffusers" and encoder_count > 1:
+        raise EmbeddingFileError(
+            "The diffusers {token: tensor} form holds one encoder; SDXL words are saved as "
+            "clip_l/clip_g (format 'textinv'), which diffusers' SDXL pipeline loads per encoder."
+        )
+
+
+def default_suffix(fmt: str, encoder_count: int = 1) -> str:
+    """A1111 stores single-encoder words as .pt and SDXL words as safetensors."""
+    return ".pt" if fmt == "a1111" and encoder_count == 1 else ".safetensors"
 
 
 def save_embedding(
@@ -124,11 +130,15 @@ def save_embedding(
     clean = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in vectors.items()}
     meta["textinv.hash"] = vectors_hash(clean)
     layout = file_layout(clean, fmt, name, meta)
+    pickled = "string_to_param" in layout
+    if pickled != (path.suffix.lower() in (".pt", ".bin")):
+        want = ".pt" if pickled else ".safetensors"
+        raise EmbeddingFileError(f"{path.name}: this layout is stored as {want}; name the file with {want}.")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        if fmt == "a1111" and "string_to_param" in layout:
+        if pickled:
             torch.save(layout, tmp_name)
         else:
             from safetensors.torch import save_file
