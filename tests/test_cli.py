@@ -89,3 +89,23 @@ def test_demo_runs_end_to_end(tmp_path):
     run_demo(tmp_path / "demo", steps=10)
     names = {p.name for p in (tmp_path / "demo").iterdir()}
     assert {"demo-ring.safetensors", "loss.png", "before_after.png"} <= names
+
+
+@pytest.mark.parametrize("family,encoders", [("sd2", {"": 1024}), ("sdxl", {"clip_l": 768, "clip_g": 1280})])
+def test_train_from_sd2_and_sdxl_folders(tmp_path, image_dir, family, encoders, capsys):
+    from textinv_core.hosts.diffusers_host import DiffusersHost
+    from textinv_core.tiny_models import save_tiny_pipeline
+
+    folder = tmp_path / f"tiny-{family}"
+    save_tiny_pipeline(family, folder)
+    host = DiffusersHost.load(folder)
+    assert host.family == family
+    assert host.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
+    out = tmp_path / "w.safetensors"
+    assert main(["train", "--model", str(folder), "--images", str(image_dir), "--name", "w", "--steps", "2",
+                 "--resolution", "32", "--format", "a1111", "--output", str(out)]) == (0 if family == "sdxl" else 2)
+    if family == "sdxl":  # A1111 keeps SDXL words in safetensors
+        assert {k: v.shape[1] for k, v in load_embedding(out).vectors.items()} == encoders
+    else:  # a single-encoder A1111 word is a .pt: the .safetensors name is refused before training
+        captured = capsys.readouterr()
+        assert "stored as .pt" in captured.err and "eval loss" not in captured.out and not out.exists()

@@ -169,4 +169,6 @@ def test_container_follows_layout_not_wishes(tmp_path):
         save_embedding(tmp_path / "xl.pt", SDXL, "xl", fmt="a1111")
     with pytest.raises(EmbeddingFileError, match="stored as .pt"):
         save_embedding(tmp_path / "w.safetensors", SD1, "w", fmt="a1111")
+    with pytest.raises(EmbeddingFileError, match="stored as .pt"):
+        check_format("a1111", 1, tmp_path / "w.safetensors")
     assert list(tmp_path.iterdir()) == []

@@ -92,8 +92,8 @@ def train_command(args: argparse.Namespace) -> int:
     config.validate(len(images))
     host = DiffusersHost.load(args.model, device=_device(args.device), dtype=_dtype(args.dtype),
                               **({"prediction_type": args.prediction} if args.prediction else {}))
-    check_format(args.format, len(host.encoders))
     output = Path(args.output) if args.output else Path(f"{name}{default_suffix(args.format, len(host.encoders))}")
+    check_format(args.format, len(host.encoders), output)
     _check_output(output, args.overwrite, name)
     snapshots = output.with_name(f"{output.stem}.snapshots")
     trainer = Trainer(host, images, config, observer=ProgressBar(snapshots), snapshot_dir=snapshots)

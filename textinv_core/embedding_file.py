@@ -94,8 +94,8 @@ def file_layout(vectors: dict[str, torch.Tensor], fmt: str, name: str, metadata:
     return {f"<{name}>": tensor}
 
 
-def check_format(fmt: str, encoder_count: int) -> None:
-    """Refuse, before any training, a format that cannot hold this model's word."""
+def check_format(fmt: str, encoder_count: int, path: Path | None = None) -> None:
+    """Refuse, before any training, a format (or file suffix) that cannot hold this model's word."""
     if fmt not in FORMATS:
         raise EmbeddingFileError(f"Unknown embedding format {fmt!r}: choose one of {', '.join(FORMATS)}.")
     if fmt == "diffusers" and encoder_count > 1:
@@ -103,6 +103,10 @@ def check_format(fmt: str, encoder_count: int) -> None:
             "The diffusers {token: tensor} form holds one encoder; SDXL words are saved as "
             "clip_l/clip_g (format 'textinv'), which diffusers' SDXL pipeline loads per encoder."
         )
+    if path is not None:
+        want = default_suffix(fmt, encoder_count)
+        if (want == ".pt") != (Path(path).suffix.lower() in (".pt", ".bin")):
+            raise EmbeddingFileError(f"{Path(path).name}: this format is stored as {want}; name the file with {want}.")
 
 
 def default_suffix(fmt: str, encoder_count: int = 1) -> str:
@@ -129,11 +133,9 @@ def save_embedding(
     meta.update(metadata or {})
     clean = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in vectors.items()}
     meta["textinv.hash"] = vectors_hash(clean)
+    check_format(fmt, len(vectors), path)
     layout = file_layout(clean, fmt, name, meta)
     pickled = "string_to_param" in layout
-    if pickled != (path.suffix.lower() in (".pt", ".bin")):
-        want = ".pt" if pickled else ".safetensors"
-        raise EmbeddingFileError(f"{path.name}: this layout is stored as {want}; name the file with {want}.")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
