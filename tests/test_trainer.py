@@ -249,3 +249,9 @@ def test_observer_sees_progress_loss_evaluations_and_previews(tiny_host, images)
     assert all(math.isfinite(loss) for _, _, loss in observer.steps)
     assert observer.evals == [0, 3, 6]
     assert observer.previews == [(3, (32, 32)), (6, (32, 32))]
+
+
+@pytest.mark.parametrize("resolution", [30, 4, 0])
+def test_resolution_that_does_not_fit_the_model_is_refused(tiny_host, images, resolution):
+    with pytest.raises(TrainingError, match="multiple of 8"):
+        train(tiny_host("sd1"), images, small_config(resolution=resolution))

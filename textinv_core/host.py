@@ -39,6 +39,8 @@ class Host(Protocol):
 
     num_timesteps: int
     device: torch.device
+    pixel_multiple: int
+    """Training resolutions must be a multiple of this (VAE factor x UNet downsampling)."""
 
     def word_vectors(self, text: str) -> WordVectors:
         """Frozen embeddings of `text`'s tokens (no BOS/EOS), fp32, [n_tokens, width] per encoder.

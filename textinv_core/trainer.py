@@ -136,6 +136,12 @@ class Trainer:
         self.observer = observer or TrainingObserver()
         pil = as_pil_list(images)
         config.validate(len(pil))
+        multiple = getattr(host, "pixel_multiple", 8)
+        if config.resolution < multiple or config.resolution % multiple:
+            raise TrainingError(
+                f"resolution {config.resolution} does not fit this model: use a multiple of {multiple} "
+                f"(e.g. {max(multiple, round(config.resolution / multiple) * multiple)})."
+            )
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
         self.device = host.device
         pixels = pixels_from_images(pil, config.resolution)

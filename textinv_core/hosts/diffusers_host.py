@@ -72,6 +72,7 @@ class DiffusersHost:
             raise HostError(f"Prediction type {self.prediction_type!r} is not supported: use an eps or v model.")
         self.num_timesteps = self.scheduler.config.num_train_timesteps
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        self.pixel_multiple = self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
         self._table_stats: dict[str, float] | None = None
 
     # -- construction -------------------------------------------------------------------------
