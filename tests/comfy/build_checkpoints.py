@@ -75,13 +75,12 @@ def build(out_path: str, family: str, seed: int = 0) -> None:
     import comfy.options
 
     comfy.options.enable_args_parsing()
-    import torch
-
     import comfy.ldm.models.autoencoder
     import comfy.model_management
     import comfy.sd
     import comfy.supported_models as supported
     import comfy.utils
+    import torch
 
     config_class = {"sd15": supported.SD15, "sd2v": supported.SD20, "sdxl": supported.SDXL}[family]
     unet_config = dict(UNETS[family], dtype=torch.float32)
