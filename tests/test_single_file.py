@@ -1,0 +1,261 @@
+"""Original-layout single files (SD1, SD2, SDXL) load offline into the exact diffusers models.
+
+Small random diffusers models with reduced UNets but real text-encoder widths are exported with
+tests/ldm_export.py and read back with `load_single_file`; every tensor must come back bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+
+import pytest
+import torch
+
+from textinv_core.host import HostError
+from textinv_core.hosts.single_file import SD2_V_PROBE, detect_prediction_type, load_single_file
+
+from .ldm_export import export_single_file
+
+VOCAB = 49408
+
+
+def _clip(cls, width: int, act: str, **extra):
+    from transformers import CLIPTextConfig
+
+    config = CLIPTextConfig(
+        vocab_size=VOCAB, hidden_size=width, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=width // 64, max_position_embeddings=77, hidden_act=act,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1, **extra,
+    )  # fmt: skip
+    return cls(config).eval()
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+    ).eval()  # fmt: skip
+
+
+def _unet(**config):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(in_channels=4, out_channels=4, sample_size=16, **config).eval()
+
+
+def build(family: str) -> dict:
+    """Reduced UNet + small VAE + 1-layer text encoders of the family's real widths."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed({"sd1": 1, "sd2": 2, "sdxl": 3}[family])
+    if family == "sd1":  # 2 levels x 1 res block (released: 4 x 2), 8 heads
+        unet = _unet(
+            block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=768, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        )  # fmt: skip
+        return {"unet": unet, "vae": _vae(), "text_encoder": _clip(CLIPTextModel, 768, "quick_gelu")}
+    if family == "sd2":  # 3 levels x 3 res blocks, so output_blocks.11 (the v-prediction probe) exists
+        unet = _unet(
+            block_out_channels=(32, 64, 64), layers_per_block=3, cross_attention_dim=1024,
+            attention_head_dim=[1, 1, 1], use_linear_projection=True, upcast_attention=True,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        )  # fmt: skip
+        return {"unet": unet, "vae": _vae(), "text_encoder": _clip(CLIPTextModel, 1024, "gelu")}
+    unet = _unet(  # SDXL: no attention on level 0, transformer depths 2 and 3 (released: 2 and 10)
+        block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=2048,
+        attention_head_dim=[1, 1, 1], use_linear_projection=True, transformer_layers_per_block=[1, 2, 3],
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=1280 + 6 * 256,
+    )  # fmt: skip
+    return {
+        "unet": unet,
+        "vae": _vae(),
+        "text_encoder": _clip(CLIPTextModel, 768, "quick_gelu"),
+        "text_encoder_2": _clip(CLIPTextModelWithProjection, 1280, "gelu", projection_dim=1280),
+    }
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache: dict[str, dict] = {}
+
+    def get(family: str) -> dict:
+        if family not in cache:
+            cache[family] = build(family)
+        return cache[family]
+
+    return get
+
+
+def assert_same_weights(original: torch.nn.Module, loaded: torch.nn.Module) -> None:
+    a, b = original.state_dict(), loaded.state_dict()
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+def assert_same_models(components: dict, loaded: dict) -> None:
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if components.get(name) is None:
+            assert loaded[name] is None, name
+        else:
+            assert_same_weights(components[name], loaded[name])
+    for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+                "cross_attention_dim", "use_linear_projection", "attention_head_dim",
+                "transformer_layers_per_block", "addition_embed_type", "addition_time_embed_dim",
+                "projection_class_embeddings_input_dim"):  # fmt: skip
+        want, got = components["unet"].config[key], loaded["unet"].config[key]
+        assert (list(want) if isinstance(want, tuple) else want) == (
+            list(got) if isinstance(got, tuple) else got
+        ), key
+    for name in ("text_encoder", "text_encoder_2"):
+        if components.get(name) is not None:
+            for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                        "hidden_act"):  # fmt: skip
+                assert getattr(components[name].config, key) == getattr(loaded[name].config, key), (name, key)
+
+
+def assert_same_unet_output(components: dict, loaded: dict) -> None:
+    """Same weights and config must also mean the same forward pass (heads, projections, ...)."""
+    torch.manual_seed(0)
+    unet = components["unet"]
+    sample = torch.randn(1, 4, 16, 16)
+    context = torch.randn(1, 77, unet.config.cross_attention_dim)
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 1280), "time_ids": torch.randn(1, 6)}
+    with torch.no_grad():
+        want = unet(sample, 10, context, **extra).sample
+        got = loaded["unet"](sample, 10, context, **extra).sample
+    assert torch.equal(want, got)
+
+
+def test_sd1_safetensors_loads_bit_exact_as_epsilon(models, tmp_path):
+    components = models("sd1")
+    path = export_single_file(components, "sd1", tmp_path / "sd1.safetensors")
+    loaded = load_single_file(path)
+    assert (loaded["family"], loaded["prediction_type"]) == ("sd1", "epsilon")
+    assert loaded["scheduler"].config.prediction_type == "epsilon"
+    assert loaded["scheduler"].config.beta_schedule == "scaled_linear"
+    assert loaded["tokenizer"].pad_token == "<|endoftext|>" and loaded["tokenizer_2"] is None
+    assert loaded["vae"].config.scaling_factor == pytest.approx(0.18215)
+    assert_same_models(components, loaded)
+    assert_same_unet_output(components, loaded)
+
+
+def test_sd1_ckpt_with_state_dict_and_v_pred_marker_loads_as_v_prediction(models, tmp_path):
+    components = models("sd1")
+    path = export_single_file(components, "sd1", tmp_path / "sd1.ckpt", v_pred_marker=True)
+    loaded = load_single_file(path, family="sd1")
+    assert (loaded["family"], loaded["prediction_type"]) == ("sd1", "v_prediction")
+    assert loaded["scheduler"].config.prediction_type == "v_prediction"
+    assert_same_models(components, loaded)
+
+
+def test_sd2_v_prediction_is_detected_by_norm_bias_heuristic_and_overridable(models, tmp_path):
+    from safetensors import safe_open
+
+    components = models("sd2")
+    unet = components["unet"]
+    probe = unet.up_blocks[-1].attentions[-1].transformer_blocks[0].norm1.bias
+    saved = probe.detach().clone()
+    with torch.no_grad():
+        probe.copy_(torch.randn(probe.shape, generator=torch.Generator().manual_seed(0)) * 0.2)
+    try:
+        path = export_single_file(components, "sd2", tmp_path / "sd2v.safetensors")
+        with safe_open(str(path), "pt") as f:
+            assert SD2_V_PROBE in f.keys()
+            assert sum(k.startswith("cond_stage_model.model.transformer.resblocks.1.") for k in f.keys()) > 0
+        loaded = load_single_file(path)
+        assert (loaded["family"], loaded["prediction_type"]) == ("sd2", "v_prediction")
+        assert loaded["scheduler"].config.prediction_type == "v_prediction"
+        assert loaded["tokenizer"].pad_token == "!" and loaded["tokenizer_2"] is None
+        assert loaded["text_encoder"].config.num_hidden_layers == 1  # the file's last block is dropped
+        assert_same_models(components, loaded)
+        assert_same_unet_output(components, loaded)
+        assert load_single_file(path, prediction_type="epsilon")["prediction_type"] == "epsilon"
+    finally:
+        with torch.no_grad():
+            probe.copy_(saved)
+
+
+def test_sdxl_loads_both_encoders_bit_exact(models, tmp_path):
+    components = models("sdxl")
+    path = export_single_file(components, "sdxl", tmp_path / "sdxl.safetensors")
+    loaded = load_single_file(path, prediction_type="v_prediction")
+    assert (loaded["family"], loaded["prediction_type"]) == ("sdxl", "v_prediction")
+    assert loaded["tokenizer"].pad_token == "<|endoftext|>" and loaded["tokenizer_2"].pad_token == "!"
+    assert type(loaded["text_encoder_2"]).__name__ == "CLIPTextModelWithProjection"
+    assert loaded["vae"].config.scaling_factor == pytest.approx(0.13025)
+    assert_same_models(components, loaded)
+    assert_same_unet_output(components, loaded)
+
+
+def test_prediction_type_detection_rules(caplog):
+    noisy = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 0.2
+    assert detect_prediction_type({SD2_V_PROBE: noisy}, "sd2") == "v_prediction"
+    assert detect_prediction_type({SD2_V_PROBE: torch.zeros(64)}, "sd2") == "epsilon"
+    assert detect_prediction_type({SD2_V_PROBE: noisy}, "sd1") == "epsilon"
+    assert detect_prediction_type({"v_pred": torch.tensor([])}, "sdxl") == "v_prediction"
+    with caplog.at_level(logging.INFO, logger="textinv_core.hosts.single_file"):
+        assert detect_prediction_type({}, "sd2") == "epsilon"
+    assert "absent" in caplog.text
+
+
+class _Payload:
+    """Unpickling this would create `marker`: proof that a loader ran code from the file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_ckpt_with_pickled_object_is_refused_without_running_it(tmp_path):
+    proof, marker = tmp_path / "proof", tmp_path / "marker"
+    (tmp_path / "live.ckpt").write_bytes(pickle.dumps({"state_dict": {"x": _Payload(proof)}}))
+    with open(tmp_path / "live.ckpt", "rb") as f:
+        pickle.load(f).get("state_dict")["x"].close()
+    assert proof.exists()  # the payload is live under a plain unpickler
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1), "x": _Payload(marker)}}, path)
+    with pytest.raises(HostError, match="safetensors"):
+        load_single_file(path)
+    assert not marker.exists()
+
+
+def test_unknown_layout_and_file_type_are_refused_clearly(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "refiner.safetensors"
+    save_file(
+        {
+            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+            "first_stage_model.encoder.conv_in.weight": torch.zeros(1),
+            "conditioner.embedders.0.model.text_projection": torch.zeros(1),
+        },
+        str(path),
+    )
+    with pytest.raises(HostError, match=r"unknown checkpoint layout.*conditioner\.embedders"):
+        load_single_file(path)
+    save_file({"foo.bar": torch.zeros(1)}, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(HostError, match=r"model\.diffusion_model.*Found: foo\.bar"):
+        load_single_file(tmp_path / "lora.safetensors")
+    (tmp_path / "model.bin").write_bytes(b"\0")
+    with pytest.raises(HostError, match=r"\.safetensors"):
+        load_single_file(tmp_path / "model.bin")
+
+
+def test_family_argument_must_match_the_layout(models, tmp_path):
+    path = export_single_file(models("sd1"), "sd1", tmp_path / "sd1.safetensors")
+    with pytest.raises(HostError, match="sd1 layout"):
+        load_single_file(path, family="sdxl")
