@@ -259,3 +259,106 @@ def test_family_argument_must_match_the_layout(models, tmp_path):
     path = export_single_file(models("sd1"), "sd1", tmp_path / "sd1.safetensors")
     with pytest.raises(HostError, match="sd1 layout"):
         load_single_file(path, family="sdxl")
+
+
+_SD_LEVELS = dict(
+    block_out_channels=[320, 640, 1280, 1280],
+    layers_per_block=2,
+    transformer_layers_per_block=1,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+)
+RELEASED_UNETS = {  # the diffusers configs of SD1.5, SD2.1 (768-v) and SDXL base 1.0
+    "sd1": dict(
+        _SD_LEVELS, sample_size=64, cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False
+    ),
+    "sd2": dict(
+        _SD_LEVELS,
+        sample_size=96,
+        cross_attention_dim=1024,
+        attention_head_dim=[5, 10, 20, 20],
+        use_linear_projection=True,
+        upcast_attention=True,
+    ),
+    "sdxl": dict(
+        sample_size=128,
+        block_out_channels=[320, 640, 1280],
+        layers_per_block=2,
+        cross_attention_dim=2048,
+        attention_head_dim=[5, 10, 20],
+        use_linear_projection=True,
+        transformer_layers_per_block=[1, 2, 10],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    ),
+}
+RELEASED_TEXT = {  # (class, width, layers, intermediate, act)
+    "clip_l": ("CLIPTextModel", 768, 12, 3072, "quick_gelu"),
+    "open_clip_h": ("CLIPTextModel", 1024, 23, 4096, "gelu"),  # diffusers drops SD2's last block
+    "open_clip_bigg": ("CLIPTextModelWithProjection", 1280, 32, 5120, "gelu"),
+}
+
+
+def released_components(family: str) -> dict:
+    """Full-size released architectures with shape-only (meta) weights."""
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    def text(name: str):
+        cls, width, layers, intermediate, act = RELEASED_TEXT[name]
+        config = transformers.CLIPTextConfig(
+            hidden_size=width, num_hidden_layers=layers, intermediate_size=intermediate, hidden_act=act,
+            num_attention_heads=width // 64, projection_dim=width,
+        )  # fmt: skip
+        return getattr(transformers, cls)(config)
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )  # fmt: skip
+        components = {"unet": UNet2DConditionModel(**RELEASED_UNETS[family]), "vae": vae}
+        if family == "sd1":
+            components["text_encoder"] = text("clip_l")
+        elif family == "sd2":
+            components["text_encoder"] = text("open_clip_h")
+        else:
+            components |= {"text_encoder": text("clip_l"), "text_encoder_2": text("open_clip_bigg")}
+    return components
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_released_architectures_infer_the_released_diffusers_configs(family):
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
+
+    from textinv_core.hosts.single_file import components_from_state_dict
+
+    from .ldm_export import to_ldm_state_dict
+
+    components = released_components(family)
+    sd = to_ldm_state_dict(components, family)
+    marker = {"sd1": "v1", "sd2": "v2", "sdxl": "xl_base"}[family]
+    assert CHECKPOINT_KEY_NAMES[marker] in sd  # the exporter writes the real file's key names
+    loaded = components_from_state_dict(sd, prediction_type="v_prediction" if family == "sd2" else "epsilon")
+    assert loaded["family"] == family
+    for key, want in RELEASED_UNETS[family].items():
+        got = loaded["unet"].config[key]
+        assert (list(got) if isinstance(got, tuple) else got) == want, key
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if components.get(name) is None:
+            continue
+        shapes = {k: v.shape for k, v in loaded[name].state_dict().items()}
+        assert shapes == {k: v.shape for k, v in components[name].state_dict().items()}, name
+        if name.startswith("text"):
+            want_config, got_config = components[name].config, loaded[name].config
+            for key in (
+                "hidden_size",
+                "num_hidden_layers",
+                "intermediate_size",
+                "num_attention_heads",
+                "hidden_act",
+            ):
+                assert getattr(got_config, key) == getattr(want_config, key), (name, key)

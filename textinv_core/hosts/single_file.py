@@ -384,26 +384,39 @@ def load_single_file(
     prediction_type: str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    """diffusers components of an original-layout SD1/SD2/SDXL checkpoint, built offline.
+    """diffusers components of an original-layout SD1/SD2/SDXL checkpoint file, built offline.
 
     `family` (optional) must agree with the layout found; `prediction_type` overrides detection.
     """
+    _check_choices(family, prediction_type)
+    sd = read_state_dict(path)
+    found = detect_family(sd)
+    if family is not None and family != found:
+        raise HostError(f"{Path(path).name} has the {found} layout, but family={family!r} was asked for")
+    components = components_from_state_dict(sd, prediction_type=prediction_type, dtype=dtype)
+    logger.info("%s: %s, %s", Path(path).name, components["family"], components["prediction_type"])
+    return components
+
+
+def _check_choices(family: str | None, prediction_type: str | None) -> None:
+    if family is not None and family not in FAMILIES:
+        raise HostError(f"family must be one of {FAMILIES}, got {family!r}")
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise HostError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def components_from_state_dict(
+    sd: dict[str, torch.Tensor], *, prediction_type: str | None = None, dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
+    """`load_single_file` on tensors already in memory (LDM key names), e.g. from another loader."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     from textinv_core.tokenizer import clip_tokenizer
 
-    if family is not None and family not in FAMILIES:
-        raise HostError(f"family must be one of {FAMILIES}, got {family!r}")
-    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
-        raise HostError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    sd = read_state_dict(path)
-    found = detect_family(sd)
-    if family is not None and family != found:
-        raise HostError(f"{Path(path).name} has the {found} layout, but family={family!r} was asked for")
-    family = found
+    _check_choices(None, prediction_type)
+    family = detect_family(sd)
     prediction_type = prediction_type or detect_prediction_type(sd, family)
-    logger.info("%s: %s, %s", Path(path).name, family, prediction_type)
 
     u_config = unet_config(sd, family, prediction_type)
     unet_state = convert_ldm_unet_checkpoint(sd, u_config)
