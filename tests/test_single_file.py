@@ -137,6 +137,22 @@ def assert_same_unet_output(components: dict, loaded: dict) -> None:
     assert torch.equal(want, got)
 
 
+def assert_same_text_output(components: dict, loaded: dict) -> None:
+    """The loaded encoders (buffers included) encode a real prompt exactly as the originals."""
+    for name, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        if components.get(name) is None:
+            continue
+        batch = loaded[tok]("a photo of a cat", padding="max_length", max_length=77, return_tensors="pt")
+        ids = batch.input_ids
+        with torch.no_grad():
+            want = components[name](ids, output_hidden_states=True)
+            got = loaded[name](ids, output_hidden_states=True)
+        assert torch.equal(want.hidden_states[-2], got.hidden_states[-2]), name
+        assert torch.equal(want[0], got[0]), name
+        if name == "text_encoder_2":
+            assert torch.equal(want.text_embeds, got.text_embeds)
+
+
 def test_sd1_safetensors_loads_bit_exact_as_epsilon(models, tmp_path):
     components = models("sd1")
     path = export_single_file(components, "sd1", tmp_path / "sd1.safetensors")
@@ -148,6 +164,7 @@ def test_sd1_safetensors_loads_bit_exact_as_epsilon(models, tmp_path):
     assert loaded["vae"].config.scaling_factor == pytest.approx(0.18215)
     assert_same_models(components, loaded)
     assert_same_unet_output(components, loaded)
+    assert_same_text_output(components, loaded)
 
 
 def test_sd1_ckpt_with_state_dict_and_v_pred_marker_loads_as_v_prediction(models, tmp_path):
@@ -180,6 +197,7 @@ def test_sd2_v_prediction_is_detected_by_norm_bias_heuristic_and_overridable(mod
         assert loaded["text_encoder"].config.num_hidden_layers == 1  # the file's last block is dropped
         assert_same_models(components, loaded)
         assert_same_unet_output(components, loaded)
+        assert_same_text_output(components, loaded)
         assert load_single_file(path, prediction_type="epsilon")["prediction_type"] == "epsilon"
     finally:
         with torch.no_grad():
@@ -196,6 +214,7 @@ def test_sdxl_loads_both_encoders_bit_exact(models, tmp_path):
     assert loaded["vae"].config.scaling_factor == pytest.approx(0.13025)
     assert_same_models(components, loaded)
     assert_same_unet_output(components, loaded)
+    assert_same_text_output(components, loaded)
 
 
 def test_prediction_type_detection_rules(caplog):
@@ -362,3 +381,21 @@ def test_released_architectures_infer_the_released_diffusers_configs(family):
                 "hidden_act",
             ):
                 assert getattr(got_config, key) == getattr(want_config, key), (name, key)
+
+
+def test_half_precision_file_loads_in_the_requested_dtype(models, tmp_path):
+    from safetensors.torch import save_file
+
+    from .ldm_export import to_ldm_state_dict
+
+    components = models("sd1")
+    state = {
+        k: v.half() if v.is_floating_point() else v for k, v in to_ldm_state_dict(components, "sd1").items()
+    }
+    save_file(state, str(tmp_path / "sd1-fp16.safetensors"))
+    for dtype in (torch.float32, torch.float16):
+        loaded = load_single_file(tmp_path / "sd1-fp16.safetensors", dtype=dtype)
+        for name in ("unet", "vae", "text_encoder"):
+            got = loaded[name].state_dict()
+            for key, value in components[name].state_dict().items():
+                assert torch.equal(got[key], value.half().to(dtype)), (name, key)
