@@ -141,6 +141,8 @@ class TrainEmbedding:
                                "size in pixels: 512 for SD1.x, 768 for SD2 768-v, 1024 for SDXL."}),
                 "eval_every": ("INT", {"default": 50, "min": 1, "max": 100000, "tooltip": "Steps between "
                                "evaluations on fixed noise (the loss that early stop and the best word use)."}),
+                "eval_draws": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": "Fixed (image, noise, "
+                               "timestep) draws in the evaluation set: more is a steadier loss, fewer is faster."}),
                 "preview_every": ("INT", {"default": 100, "min": 0, "max": 100000, "tooltip": "Show a preview "
                                   "image on the node every N steps (0 = none). Each costs one 20-step sampling."}),
                 "captions": ("STRING", {"default": "", "multiline": True, "tooltip": "With templates=captions: one "
@@ -153,7 +155,7 @@ class TrainEmbedding:
 
     def train(self, model, clip, vae, images, name, init_word, vectors, steps, learning_rate, batch_size,
               templates, seed, early_stop, save_every, mask=None, resolution=512, eval_every=50,
-              preview_every=100, captions="", overwrite=False, unique_id=None):
+              eval_draws=16, preview_every=100, captions="", overwrite=False, unique_id=None):
         from pathlib import Path
 
         import comfy.model_management as mm
@@ -175,6 +177,7 @@ class TrainEmbedding:
             name=name, init_word=init_word, num_vectors=vectors, steps=steps, learning_rate=learning_rate,
             batch_size=batch_size, resolution=resolution, templates=templates, captions=caption_list, seed=seed,
             early_stop_patience=early_stop, snapshot_every=save_every, eval_every=eval_every,
+            eval_draws=eval_draws,
         )
         snapshot_dir = Path(folder_paths.get_output_directory()) / "textinv" / name
         preview_prompt = ("a painting in the style of {}" if templates == "style" else "a photo of a {}").format(

@@ -61,7 +61,8 @@ def build_checkpoint(family: str) -> Path:
         cmd = ["nice", "-n", "10", sys.executable, str(HERE / "build_checkpoints.py"), str(path), family]
         done = subprocess.run(cmd, cwd=comfy, env=server_env(), capture_output=True, text=True, timeout=900)
         if done.returncode != 0 or not path.exists():
-            raise RuntimeError(f"Building the {family} checkpoint failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            output = done.stdout[-3000:] + "\n" + done.stderr[-3000:]
+            raise RuntimeError(f"Building the {family} checkpoint failed:\n{output}")
     return path
 
 

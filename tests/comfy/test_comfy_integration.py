@@ -26,12 +26,12 @@ def checkpoint(family: str) -> dict:
     return {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f"tiny-{family}.safetensors"}}}
 
 
-def train_node(name: str, steps: int = 10, **extra) -> dict:
+def train_node(name: str, steps: int = 6, **extra) -> dict:
     inputs = {
         "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "images": ["images", 0], "name": name,
         "init_word": "ball", "vectors": 1, "steps": steps, "learning_rate": 0.02, "batch_size": 1,
         "templates": "object", "seed": 0, "early_stop": 0, "save_every": 0, "resolution": 64,
-        "eval_every": steps, "preview_every": 0, "overwrite": True,
+        "eval_every": max(1, steps // 2), "eval_draws": 4, "preview_every": 0, "overwrite": True,
     }
     inputs.update(extra)
     return {

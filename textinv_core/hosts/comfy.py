@@ -213,6 +213,8 @@ class ComfyHost:
         self.sigma_table = self.sampling.sigmas.detach().float().cpu().clone()
         self.num_timesteps = int(self.sigma_table.shape[0])
         self.device = mm.get_torch_device()
+        levels = len(base.model_config.unet_config.get("channel_mult", [1, 2, 4, 4]))
+        self.pixel_multiple = 8 * 2 ** (levels - 1)  # VAE factor x UNet downsampling
         self.patcher = model.clone()
         _wrap_weights(self.patcher)
         self.clip = clip.clone()
@@ -262,13 +264,14 @@ class ComfyHost:
 
     def encode_text(self, prompts: list[str], words: dict[str, WordVectors]) -> ComfyConditioning:
         tokenizer = tokenizer_with_words(self.clip.tokenizer, words) if words else self.clip.tokenizer
-        cross, pooled = [], []
+        encoded: dict[str, tuple] = {}  # each distinct prompt once (evaluation repeats one prompt)
         with _differentiable_clip():
-            for prompt in prompts:
+            for prompt in dict.fromkeys(prompts):
                 tokens = tokenizer.tokenize_with_weights(prompt)
                 out = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
-                cross.append(out["cond"])
-                pooled.append(out.get("pooled_output"))
+                encoded[prompt] = (out["cond"], out.get("pooled_output"))
+        cross = [encoded[p][0] for p in prompts]
+        pooled = [encoded[p][1] for p in prompts]
         lengths = {c.shape[1] for c in cross}
         if len(lengths) != 1:
             raise HostError("Training prompts of different lengths (over 75 tokens): shorten the captions.")
