@@ -399,3 +399,23 @@ def test_half_precision_file_loads_in_the_requested_dtype(models, tmp_path):
             got = loaded[name].state_dict()
             for key, value in components[name].state_dict().items():
                 assert torch.equal(got[key], value.half().to(dtype)), (name, key)
+
+
+def test_key_variants_of_older_files_load_the_same(models):
+    """Early SD1 files: CLIP-L without `text_model.`, stray projection; SDXL: bigG projection as a Linear."""
+    from textinv_core.hosts.single_file import components_from_state_dict
+
+    from .ldm_export import to_ldm_state_dict
+
+    sd1 = models("sd1")
+    state = to_ldm_state_dict(sd1, "sd1")
+    old = "cond_stage_model.transformer."
+    state = {k.replace(old + "text_model.", old): v for k, v in state.items()}
+    state[old + "text_projection.weight"] = torch.zeros(768, 768)
+    assert_same_models(sd1, components_from_state_dict(state))
+
+    sdxl = models("sdxl")
+    state = to_ldm_state_dict(sdxl, "sdxl")
+    projection = state.pop("conditioner.embedders.1.model.text_projection")
+    state["conditioner.embedders.1.model.text_projection.weight"] = projection.T.contiguous()
+    assert_same_models(sdxl, components_from_state_dict(state))

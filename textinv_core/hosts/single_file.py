@@ -325,7 +325,9 @@ def _load_clip_l(sd: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype):
         act="quick_gelu",
         projection=tok.shape[1],
     )
-    state = convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(prefix)}, prefix)
+    # Only what CLIPTextModel has: stray `text_projection`/`logit_scale` copies some tools add are unused.
+    parts = tuple(prefix + "text_model." + p for p in ("embeddings.", "encoder.", "final_layer_norm."))
+    state = convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(parts)}, prefix)
     return _load(lambda: CLIPTextModel(config), state, "CLIP-L text encoder", dtype)
 
 
@@ -359,6 +361,20 @@ def _load_open_clip(sd: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype
         shell = cls(config)  # the converter only reads the config's hidden size from it
     state = convert_open_clip_checkpoint(shell, subset, prefix=prefix)
     return _load(lambda: cls(config), state, "OpenCLIP text encoder", dtype)
+
+
+def _normalize_variants(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Key variants real files carry: early SD1 files name CLIP-L without `text_model.` (ComfyUI's
+    SD15.process_clip_state_dict fixes the same); some SDXL files store bigG's projection as a Linear."""
+    out = {}
+    for key, value in sd.items():
+        for prefix in (SD1_CLIP, SDXL_CLIP_L):
+            if key.startswith(prefix) and not key.startswith(prefix + "text_model."):
+                key = prefix + "text_model." + key[len(prefix) :]
+        if key == SDXL_CLIP_G + "text_projection.weight" and SDXL_CLIP_G + "text_projection" not in sd:
+            key, value = SDXL_CLIP_G + "text_projection", value.T
+        out[key] = value
+    return out
 
 
 def scheduler_for(prediction_type: str):
@@ -415,6 +431,7 @@ def components_from_state_dict(
     from textinv_core.tokenizer import clip_tokenizer
 
     _check_choices(None, prediction_type)
+    sd = _normalize_variants(sd)
     family = detect_family(sd)
     prediction_type = prediction_type or detect_prediction_type(sd, family)
 
