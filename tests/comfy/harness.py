@@ -84,6 +84,9 @@ class ComfyServer:
         for sub in ("custom_nodes", "models/embeddings", "models/checkpoints", "input", "output", "user", "temp"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         self.nodes_dir.mkdir(parents=True, exist_ok=True)
+        settings = self.base / "user" / "default" / "comfy.settings.json"
+        settings.parent.mkdir(parents=True, exist_ok=True)
+        settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))  # no template dialog in the browser
         link = self.nodes_dir / PACK_FOLDER
         if not link.exists():
             link.symlink_to(REPO, target_is_directory=True)

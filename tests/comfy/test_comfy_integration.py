@@ -219,3 +219,46 @@ def test_compose_concepts_types_two_words_in_one_prompt_and_blends(server):
     b = load_file(str(server.embeddings / f"{second}.safetensors"))["emb_params"]
     assert torch.allclose(blend, 0.5 * a + 0.5 * b)
     assert load_file(str(server.embeddings / "disc-concat.safetensors"))["emb_params"].shape == (2, 768)
+
+
+def test_example_workflows_queue_over_http(server):
+    import json
+    import shutil
+
+    from .harness import REPO
+    from .workflows import EXAMPLES, ui_to_api
+
+    info = server.get("/object_info")
+    small = {
+        "CheckpointLoaderSimple": {"ckpt_name": "tiny-sd15.safetensors"},
+        "LoadImageSetFromFolderNode": {"folder": "textinv-disc"},
+        "TextinvTrainEmbedding": {"steps": 2, "resolution": 64, "eval_every": 2, "eval_draws": 2,
+                                  "preview_every": 0, "save_every": 0, "overwrite": True},
+        "EmptyLatentImage": {"width": 64, "height": 64},
+        "KSampler": {"steps": 2},
+    }
+    for name in EXAMPLES:
+        workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
+        prompt = ui_to_api(workflow, info)
+        for node in prompt.values():
+            node["inputs"].update(small.get(node["class_type"], {}))
+        entry = server.run(prompt)
+        assert entry["status"]["status_str"] == "success", name
+        if name == "textinv-train-from-folder":  # its word feeds the other two examples
+            for other in ("my-clock", "my-style"):
+                shutil.copy(server.embeddings / "my-cat.safetensors", server.embeddings / f"{other}.safetensors")
+
+
+def test_training_leaves_the_graphs_model_and_clip_unchanged(server):
+    def probe_graph(text: str, tag: str) -> dict:
+        return {**checkpoint("sd15"), **encode("enc", ["ckpt", 1], text, f"{tag}-cond"),
+                **encode("neg", ["ckpt", 1], "", None), **sample(tag, "enc", "neg")}
+
+    before = server.run(probe_graph("a photo of a ball", "unchanged-before"))
+    server.run({**checkpoint("sd15"), **train_node("disc-unchanged", steps=2)})
+    # a trailing space tokenizes the same but is a new cache key, so ComfyUI recomputes everything
+    after = server.run(probe_graph("a photo of a ball ", "unchanged-after"))
+    cond_before, cond_after = probe(server, "unchanged-before-cond"), probe(server, "unchanged-after-cond")
+    assert torch.equal(cond_before["0.cond"], cond_after["0.cond"])
+    assert np.array_equal(saved_image(server, before, "unchanged-before-save"),
+                          saved_image(server, after, "unchanged-after-save"))

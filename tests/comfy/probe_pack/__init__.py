@@ -8,7 +8,7 @@ import os
 
 
 class SaveConditioning:
-    CATEGORY = "textinv/testing"
+    CATEGORY = "_for_testing"
     FUNCTION = "save"
     OUTPUT_NODE = True
     RETURN_TYPES = ()

