@@ -72,7 +72,8 @@ class ComposeConcepts:
                 "weights": ("STRING", {"default": "", "tooltip": "Blend weights, one per connected word in "
                                        "order, e.g. '0.7, 0.3' (empty: equal)."}),
                 "save": ("BOOLEAN", {"default": False, "tooltip": "Write the composed word to the embeddings "
-                                     "folder, so embedding:<name> works everywhere."}),
+                                     "folder (replacing a file of that name), so embedding:<name> works "
+                                     "everywhere."}),
             },
             "optional": optional,
         }

@@ -127,8 +127,10 @@ class TrainEmbedding:
                 "templates": (["object", "style", "captions"], {"tooltip": "Prompts the word is trained in: "
                               "object ('a photo of a <w>'), style ('a painting in the style of <w>'), or the "
                               "captions below, one line per image."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed of all training "
-                                 "randomness (noise, timesteps, flips); the same seed repeats a run."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": False,
+                                 "tooltip": "Seed of all training randomness (noise, timesteps, flips); the same "
+                                            "seed repeats a run. Kept fixed, so running the graph again does not "
+                                            "retrain."}),
                 "early_stop": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "Stop after this many "
                                        "evaluations without improvement of the evaluation loss (0 = never)."}),
                 "save_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Write a snapshot to "

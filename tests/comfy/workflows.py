@@ -87,7 +87,7 @@ def _widget_names(spec: dict) -> list[tuple[str, bool]]:
             kind = value[0]
             if isinstance(kind, list) or kind in WIDGET_TYPES:
                 options = value[1] if len(value) > 1 else {}
-                control = kind == "INT" and (options.get("control_after_generate") or name in SEED_NAMES)
+                control = kind == "INT" and options.get("control_after_generate", name in SEED_NAMES)
                 names.append((name, bool(control)))
     order = spec.get("input_order")
     if order:
