@@ -419,3 +419,45 @@ def test_key_variants_of_older_files_load_the_same(models):
     projection = state.pop("conditioner.embedders.1.model.text_projection")
     state["conditioner.embedders.1.model.text_projection.weight"] = projection.T.contiguous()
     assert_same_models(sdxl, components_from_state_dict(state))
+
+
+class _Skip(torch.nn.Module):
+    """Reference for an attention slot the file leaves out: the block's features pass unchanged."""
+
+    def forward(self, hidden_states, *args, return_dict=True, **kwargs):
+        return (hidden_states,)
+
+
+def test_layouts_without_an_exact_diffusers_config_are_fitted(models):
+    """ComfyUI-style reductions: attention on only some blocks of a level; mid depth != last level's."""
+    import copy
+
+    from textinv_core.hosts.single_file import components_from_state_dict
+
+    from .ldm_export import to_ldm_state_dict
+
+    cases = {  # family: (LDM prefixes the file leaves out, how the reference UNet drops the same)
+        "sd2": (["input_blocks.1.1."], lambda u: u.down_blocks[0].attentions.__setitem__(0, _Skip())),
+        "sdxl": (
+            ["middle_block.1.transformer_blocks.1.", "middle_block.1.transformer_blocks.2."],
+            lambda u: setattr(
+                u.mid_block.attentions[0],
+                "transformer_blocks",
+                u.mid_block.attentions[0].transformer_blocks[:1],
+            ),
+        ),
+    }
+    for family, (dropped, reduce) in cases.items():
+        components = models(family)
+        state = to_ldm_state_dict(components, family)
+        state = {
+            k: v
+            for k, v in state.items()
+            if not k.startswith(tuple("model.diffusion_model." + d for d in dropped))
+        }
+        loaded = components_from_state_dict(state)
+        assert len(loaded["unet"].ldm_fitted_attention) == 1
+        reference = copy.deepcopy(components["unet"])
+        reduce(reference)
+        assert_same_weights(reference, loaded["unet"])
+        assert_same_unet_output({"unet": reference}, loaded)

@@ -166,31 +166,29 @@ def unet_config(sd: dict[str, torch.Tensor], family: str, prediction_type: str) 
         width = u[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0]
         levels[-1].append((width, _attention(u, f"input_blocks.{i}.1")))
     per_level = {len(level) for level in levels}
-    if len(per_level) != 1 or any(len(set(level)) != 1 for level in levels):
-        raise HostError(f"unsupported UNet: res blocks per level differ or mix attention ({levels})")
+    if len(per_level) != 1 or any(len({w for w, _ in level}) != 1 for level in levels):
+        raise HostError(f"unsupported UNet: res blocks or widths differ within/between levels ({levels})")
     layers = per_level.pop()
     channels = [level[0][0] for level in levels]
-    depths = [level[0][1] for level in levels]
+    # A level's depth is its deepest block's; blocks that differ are fitted after building (_fit_attention).
+    depths = [max(d for _, d in level) for level in levels]
     n = len(levels)
     outputs = _indices(u, r"output_blocks\.(\d+)\.")
     if len(outputs) != n * (layers + 1):
         raise HostError(
             f"unsupported UNet: {len(outputs)} output blocks for {n} levels x {layers} res blocks"
         )
-    up_depths = []
-    for b in range(n):
-        block = {_attention(u, f"output_blocks.{b * (layers + 1) + j}.1") for j in range(layers + 1)}
-        if len(block) != 1:
-            raise HostError(f"unsupported UNet: output level {b} mixes attention depths {sorted(block)}")
-        up_depths.append(block.pop())
+    up_depths = [
+        max(_attention(u, f"output_blocks.{b * (layers + 1) + j}.1") for j in range(layers + 1))
+        for b in range(n)
+    ]
     mid_depth = _attention(u, "middle_block.1")
     if mid_depth == 0:
         raise HostError("unsupported UNet: its middle block has no attention")
     # diffusers' mid block takes the last level's depth; a last level without attention ignores it.
     layers_per_level = [d or 1 for d in depths]
-    if depths[-1] and depths[-1] != mid_depth:
-        raise HostError(f"unsupported UNet: mid depth {mid_depth} differs from the last level's {depths[-1]}")
-    layers_per_level[-1] = mid_depth
+    if not depths[-1]:
+        layers_per_level[-1] = mid_depth
     proj_in = next(v for k, v in u.items() if k.endswith(".proj_in.weight"))
     context = next(v for k, v in u.items() if k.endswith(".attn2.to_k.weight")).shape[1]
     # diffusers' `attention_head_dim` holds the head COUNT: 8 for SD1, channels/64 for SD2/SDXL.
@@ -233,6 +231,61 @@ def unet_config(sd: dict[str, torch.Tensor], family: str, prediction_type: str) 
             "projection_class_embeddings_input_dim": adm,
         }
     return config
+
+
+class _NoAttention(torch.nn.Module):
+    """Stands in a diffusers attention slot where the reduced LDM UNet has no SpatialTransformer."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any):
+        if return_dict:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=hidden_states)
+        return (hidden_states,)
+
+
+def _fit_attention(unet: torch.nn.Module, sd: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Make every attention slot as deep as the file's, where no diffusers config can say so.
+
+    ComfyUI-style reduced UNets may give blocks of one level different transformer depths (0 included)
+    or the mid block another depth than the last level; the config then describes the deepest block
+    and the slots that differ are rebuilt here. Such a model runs as the file says, but its config
+    does not describe it, so it must not be saved with save_pretrained.
+    """
+    u = _sub(sd, UNET)
+    per = unet.config.layers_per_block
+    slots = [(unet.mid_block, 0, "middle_block.1")]
+    for b, block in enumerate(unet.down_blocks):
+        slots += [(block, j, f"input_blocks.{1 + b * (per + 1) + j}.1") for j in range(per)]
+    for b, block in enumerate(unet.up_blocks):
+        slots += [(block, j, f"output_blocks.{b * (per + 1) + j}.1") for j in range(per + 1)]
+    fitted = []
+    for block, j, name in slots:
+        if not hasattr(block, "attentions"):
+            continue
+        built, depth = block.attentions[j], _attention(u, name)
+        if depth == 0:
+            block.attentions[j] = _NoAttention()
+        elif depth != len(built.transformer_blocks):
+            # Its config lacks the two positional arguments diffusers' blocks pass: read them off the module.
+            heads = {
+                "num_attention_heads": built.num_attention_heads,
+                "attention_head_dim": built.attention_head_dim,
+            }
+            config = {k: v for k, v in built.config.items() if not k.startswith("_")}
+            block.attentions[j] = type(built)(**{**config, **heads, "num_layers": depth})
+        else:
+            continue
+        fitted.append(f"{name}: depth {depth}")
+    if fitted:
+        logger.warning(
+            "this UNet's layout has no exact diffusers config; fitted %d attention slots (%s). "
+            "Do not save it with save_pretrained.",
+            len(fitted),
+            ", ".join(fitted[:6]),
+        )
+    unet.ldm_fitted_attention = fitted
+    return unet
 
 
 def vae_config(sd: dict[str, torch.Tensor], family: str) -> dict[str, Any]:
@@ -437,7 +490,7 @@ def components_from_state_dict(
 
     u_config = unet_config(sd, family, prediction_type)
     unet_state = convert_ldm_unet_checkpoint(sd, u_config)
-    unet = _load(lambda: UNet2DConditionModel(**u_config), unet_state, "UNet", dtype)
+    unet = _load(lambda: _fit_attention(UNet2DConditionModel(**u_config), sd), unet_state, "UNet", dtype)
     v_config = vae_config(sd, family)
     vae_state = convert_ldm_vae_checkpoint({k: v for k, v in sd.items() if k.startswith(VAE)}, v_config)
     vae = _load(lambda: AutoencoderKL(**v_config), vae_state, "VAE", dtype)
