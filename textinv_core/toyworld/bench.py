@@ -1,0 +1,256 @@
+"""`textinv bench quality`: does a learned word capture a toy-world concept? (paper §5, Fig. 10)
+
+Renders 5 images of a concept (shape, colour, pattern) on varied backgrounds and sizes, inverts it
+with the engine from an init word, then samples "a photo of S*" and edit prompts for the learned
+word (k = 1, 2, 4 vectors) and for the baselines: the init word, the human caption (the attribute
+words) and a random vector. The scorer reads the samples back; the table, a sample grid and a
+reconstruction-vs-editability scatter come out. Must never change the model or the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import scene as world
+from .figures import image_grid, scatter
+from .metrics import Edit, editability, mean_and_spread, reconstruction
+from .sampling import sample_prompts
+
+log = logging.getLogger(__name__)
+PLACEHOLDER_NAME = "toy-concept"
+RECON_TEMPLATE = "a photo of a {}"
+
+
+@dataclass
+class QualityConfig:
+    """Benchmark settings; defaults give a standard error of about 0.05 per cell and seed."""
+
+    concept: dict[str, str]
+    model: Path | None = None        # diffusers folder; None = the committed toy model
+    out: Path = Path("textinv-bench-quality")
+    samples: int = 48                # per prompt and condition
+    seeds: tuple[int, ...] = (0,)    # inversion + sampling seeds; the spread across them is reported
+    vectors: tuple[int, ...] = (1, 2, 4)
+    init_word: str = "object"
+    steps: int = 400                 # inversion step budget; early stopping may end sooner
+    learning_rate: float = 5e-3
+    batch_size: int = 16
+    early_stop_patience: int = 4     # evaluations (every 25 steps) without improvement
+    images: int = 5
+    sample_steps: int = 25           # DDIM steps
+    guidance: float = 3.0            # classifier-free guidance scale
+    extra: dict = field(default_factory=dict)
+
+
+def edits_for(concept: dict[str, str]) -> list[Edit]:
+    """Backgrounds and sizes (the editability score) plus a recolour (harder, reported apart)."""
+    edits = [Edit(f"a photo of a {{}} on a {bg} background", "background", bg) for bg in world.BACKGROUNDS]
+    edits += [Edit(f"a photo of a {size} {{}}", "size", size) for size in world.SIZES]
+    return edits
+
+
+def recolour_for(concept: dict[str, str]) -> Edit:
+    colours = list(world.COLOURS)
+    new = colours[(colours.index(concept["colour"]) + 1) % len(colours)]
+    return Edit(f"a photo of a {new} {{}}", "colour", new)
+
+
+@dataclass
+class Condition:
+    """One row of the table: how the concept is named in a prompt."""
+
+    label: str
+    phrase: str                       # what replaces "{}" in a template
+    words: dict                       # placeholder -> vectors for the host
+    recolour_phrase: str | None = None  # the caption drops its own colour word under a recolour
+    steps_run: int | None = None
+    stopped_reason: str = ""
+
+
+def invert(host, images, concept_seed: int, k: int, cfg: QualityConfig):
+    """The engine's textual inversion of the training images into k vectors."""
+    from ..trainer import TrainConfig, train
+
+    config = TrainConfig(
+        name=PLACEHOLDER_NAME, init_word=cfg.init_word, num_vectors=k, steps=cfg.steps,
+        learning_rate=cfg.learning_rate, scale_lr=False, batch_size=cfg.batch_size, resolution=world.SIZE,
+        templates="captions", captions=[RECON_TEMPLATE] * len(images), seed=concept_seed, flip=True,
+        eval_every=25, eval_draws=32, early_stop_patience=cfg.early_stop_patience,
+    )
+    return config.placeholder, train(host, images, config)
+
+
+def random_vector(host, seed: int) -> dict[str, torch.Tensor]:
+    """A Gaussian vector with the mean norm of the world's own word rows (a word-sized random guess)."""
+    words = " ".join(world.SHAPES + tuple(world.COLOURS) + world.PATTERNS)
+    out = {}
+    for key, rows in host.word_vectors(words).items():
+        direction = torch.randn(1, rows.shape[1], generator=torch.Generator().manual_seed(seed + 12345))
+        out[key] = direction / direction.norm() * rows.norm(dim=1).mean()
+    return out
+
+
+def conditions_for(host, images, concept: dict[str, str], seed: int, cfg: QualityConfig) -> list[Condition]:
+    caption = f"{concept['colour']} {concept['pattern']} {concept['shape']}"
+    rows = []
+    for k in cfg.vectors:
+        start = time.time()
+        placeholder, result = invert(host, images, seed, k, cfg)
+        log.info("k=%d: eval loss %.4f -> %.4f, %d steps (%s) in %.0f s", k, result.init_eval_loss,
+                 result.best_eval_loss, result.steps_run, result.stopped_reason, time.time() - start)
+        rows.append(Condition(f"learned k={k}", placeholder, {placeholder: result.vectors},
+                              steps_run=result.steps_run, stopped_reason=result.stopped_reason))
+    rows.append(Condition(f"init word '{cfg.init_word}'", cfg.init_word, {}))
+    rows.append(Condition("human caption", caption, {},
+                          recolour_phrase=f"{concept['pattern']} {concept['shape']}"))
+    rows.append(Condition("random vector", "<random>", {"<random>": random_vector(host, seed)}))
+    return rows
+
+
+def measure(host, condition: Condition, concept: dict[str, str], seed: int, cfg: QualityConfig) -> dict:
+    """Samples of every prompt for one condition, scored: recon, edit (mean of edits), recolour."""
+    edits, recolour = edits_for(concept), recolour_for(concept)
+    prompts = [RECON_TEMPLATE.format(condition.phrase)]
+    prompts += [edit.template.format(condition.phrase) for edit in edits]
+    prompts.append(recolour.template.format(condition.recolour_phrase or condition.phrase))
+    n = cfg.samples
+    images = sample_prompts(host, [p for p in prompts for _ in range(n)], condition.words, seed=seed,
+                            steps=cfg.sample_steps, guidance=cfg.guidance)
+    groups = [images[i * n:(i + 1) * n] for i in range(len(prompts))]
+    out = {"recon": reconstruction(groups[0], concept), "edits": {}, "examples": {"recon": groups[0][:6]}}
+    for edit, group in zip(edits, groups[1:-1]):
+        out["edits"][edit.label] = editability(group, edit, concept)
+        out["examples"][edit.label] = group[:2]
+    out["recolour"] = editability(groups[-1], recolour, concept)
+    out["examples"]["recolour"] = groups[-1][:2]
+    out["edit"] = sum(e["edit"] for e in out["edits"].values()) / len(out["edits"])
+    out["preserved"] = sum(e["preserved"] for e in out["edits"].values()) / len(out["edits"])
+    return out
+
+
+def run_benchmark(cfg: QualityConfig, host=None) -> dict:
+    """Every condition on every seed; returns the per-condition summary (means and spreads)."""
+    from .model import load_host
+
+    host = host or load_host(cfg.model)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    concept = cfg.concept
+    per_seed: dict[str, list[dict]] = {}
+    steps_run: dict[str, list[int]] = {}
+    grid_rows = []
+    for seed in cfg.seeds:
+        scenes = world.concept_images(concept, cfg.images, seed=seed)
+        images = [world.render(s) for s in scenes]
+        if seed == cfg.seeds[0]:
+            grid_rows.append(("training images", images))
+            for i, image in enumerate(images):
+                image.save(cfg.out / f"train-{i}.png")
+        for condition in conditions_for(host, images, concept, seed, cfg):
+            start = time.time()
+            result = measure(host, condition, concept, seed, cfg)
+            log.info("%s seed %d: recon %.3f edit %.3f (%.0f s)", condition.label, seed, result["recon"]["graded"],
+                     result["edit"], time.time() - start)
+            per_seed.setdefault(condition.label, []).append(result)
+            if condition.steps_run is not None:
+                steps_run.setdefault(condition.label, []).append(condition.steps_run)
+            if seed == cfg.seeds[0]:
+                examples = [im for ims in result["examples"].values() for im in ims]
+                grid_rows.append((condition.label, examples))
+    summary = summarise(per_seed, steps_run)
+    image_grid(grid_rows).save(cfg.out / "grid.png")
+    concept_text = ",".join(f"{k}={v}" for k, v in concept.items())
+    points = [(label, row["recon"][0], row["edit"][0]) for label, row in summary.items()]
+    scatter(points, title=f"{concept_text} ({len(cfg.seeds)} seeds x {cfg.samples} samples)").save(
+        cfg.out / "scatter.png")
+    (cfg.out / "results.json").write_text(json.dumps({"concept": concept, "seeds": list(cfg.seeds),
+                                                      "samples": cfg.samples, "summary": summary}, indent=2))
+    return summary
+
+
+def summarise(per_seed: dict[str, list[dict]], steps_run: dict[str, list[int]]) -> dict:
+    summary = {}
+    for label, results in per_seed.items():
+        summary[label] = {
+            "recon": mean_and_spread([r["recon"]["graded"] for r in results]),
+            "recon_strict": mean_and_spread([r["recon"]["strict"] for r in results]),
+            "edit": mean_and_spread([r["edit"] for r in results]),
+            "preserved": mean_and_spread([r["preserved"] for r in results]),
+            "recolour": mean_and_spread([r["recolour"]["edit"] for r in results]),
+            "steps_run": steps_run.get(label, []),
+        }
+    return summary
+
+
+def format_table(summary: dict, reference: str = "human caption") -> str:
+    """Plain-text table: mean ± spread over seeds, and the ratio of recon/edit to the caption's."""
+    ref = summary.get(reference)
+    head = (f"{'condition':<22} {'recon':>13} {'strict':>13} {'edit':>13} {'edit+keep':>13} {'recolour':>13} "
+            f"{'recon/cap':>9} {'edit/cap':>9}  steps")
+    lines = [head, "-" * len(head)]
+    for label, row in summary.items():
+        cells = [f"{row[k][0]:.3f}±{row[k][1]:.3f}".rjust(13)
+                 for k in ("recon", "recon_strict", "edit", "preserved", "recolour")]
+        ratio_r = f"{row['recon'][0] / ref['recon'][0]:.2f}" if ref and ref["recon"][0] else "-"
+        ratio_e = f"{row['edit'][0] / ref['edit'][0]:.2f}" if ref and ref["edit"][0] else "-"
+        steps = ",".join(str(s) for s in row["steps_run"]) or "-"
+        lines.append(f"{label:<22} {' '.join(cells)} {ratio_r:>9} {ratio_e:>9}  {steps}")
+    return "\n".join(lines)
+
+
+# -- command line ------------------------------------------------------------------------------
+def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--concept", required=True, help="shape=...,colour=...,pattern=... e.g. shape=circle,colour=red,pattern=striped "
+      f"(shapes: {', '.join(world.SHAPES)}; colours: {', '.join(world.COLOURS)}; patterns: "
+      f"{', '.join(world.PATTERNS)})")
+    a("--model", default=None, help="toy-world diffusers folder (default: the committed models/toyworld)")
+    a("--out", default="textinv-bench-quality", help="folder for grid.png, scatter.png and results.json")
+    a("--samples", type=int, default=48, help="samples per prompt and condition")
+    a("--seeds", default="0", help="comma-separated seeds; the spread across them is reported")
+    a("--vectors", default="1,2,4", help="comma-separated vector counts k to learn")
+    a("--init-word", default="object", help="the word the vectors start from (also a baseline row)")
+    a("--steps", type=int, default=400, help="inversion step budget (early stopping may end sooner)")
+    a("--lr", type=float, default=5e-3, help="inversion learning rate (not scaled by batch)")
+
+
+def config_from_args(args: argparse.Namespace) -> QualityConfig:
+    return QualityConfig(
+        concept=world.parse_concept(args.concept), model=Path(args.model) if args.model else None,
+        out=Path(args.out), samples=args.samples, seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
+        vectors=tuple(int(k) for k in args.vectors.split(",") if k.strip()), init_word=args.init_word,
+        steps=args.steps, learning_rate=args.lr,
+    )
+
+
+def run_quality(args: argparse.Namespace) -> int:
+    """Entry point for `textinv bench quality`: run, print the table, say where the figures are."""
+    cfg = config_from_args(args)
+    if cfg.samples < 1 or not cfg.seeds or not cfg.vectors:
+        raise ValueError("--samples, --seeds and --vectors must each give at least one value.")
+    start = time.time()
+    summary = run_benchmark(cfg)
+    print(f"concept {args.concept}: {len(cfg.seeds)} seed(s) x {cfg.samples} samples per cell, "
+          f"{time.time() - start:.0f} s")
+    print(format_table(summary))
+    print(f"wrote {cfg.out / 'grid.png'}, {cfg.out / 'scatter.png'}, {cfg.out / 'results.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m textinv_core.toyworld.bench", description=__doc__.splitlines()[0])
+    add_quality_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    return run_quality(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
