@@ -109,3 +109,16 @@ def test_train_from_sd2_and_sdxl_folders(tmp_path, image_dir, family, encoders, 
     else:  # a single-encoder A1111 word is a .pt: the .safetensors name is refused before training
         captured = capsys.readouterr()
         assert "stored as .pt" in captured.err and "eval loss" not in captured.out and not out.exists()
+
+
+def test_train_from_a_single_file_checkpoint(tmp_path, image_dir, tiny_host):
+    """The checkpoints users have: original-layout .safetensors, loaded offline and trained on."""
+    from textinv_core.tiny_models import build_tiny_components
+
+    from .ldm_export import export_single_file
+
+    checkpoint = export_single_file(build_tiny_components("sd1"), "sd1", tmp_path / "tiny-sd15.safetensors")
+    out = tmp_path / "w.safetensors"
+    assert run(checkpoint, image_dir, out) == 0
+    assert load_embedding(out).vectors[""].shape == (1, 768)
+    assert main(["info", str(out), "--model", str(checkpoint)]) == 0
