@@ -170,6 +170,7 @@ function insertWord(textarea, open, word) {
 function attachAutocomplete(textarea) {
   if (!textarea || textarea.dataset.textinvAutocomplete) return;
   textarea.dataset.textinvAutocomplete = "1";
+  textarea.addEventListener("focus", () => refreshFileWords());
   textarea.addEventListener("input", () => showMenu(textarea));
   textarea.addEventListener("keydown", (e) => {
     if (!menu) return;

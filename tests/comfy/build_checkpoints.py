@@ -6,8 +6,9 @@ build the modules and its own `state_dict_for_saving` writes the checkpoint keys
 have exactly the layout a downloaded checkpoint has and ComfyUI's detection picks the right model
 class. Only the UNet is cut down (one level, few blocks) to keep files small; text encoders and the
 VAE must keep their real sizes (ComfyUI infers them from fixed shapes). Weights are random (seeded,
-fan-in scaled so fp16 activations stay finite). SD2's v-prediction is decided by ComfyUI from the
-std of `output_blocks.11.1.transformer_blocks.0.norm1.bias` (> 0.09), so that bias gets std 0.2.
+fan-in scaled so fp16 activations stay finite; cross-attention sharpened, see CROSS_ATTENTION_GAIN).
+SD2's v-prediction is decided by ComfyUI from the std of
+`output_blocks.11.1.transformer_blocks.0.norm1.bias` (> 0.09), so that bias gets std 0.2.
 
 Never imported by pytest itself (it imports ComfyUI); never shipped.
 """
@@ -44,6 +45,11 @@ VAE_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels
               "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 
 V_MARKER = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+# With plain fan-in weights, cross-attention averages the 77 tokens almost uniformly, so one word
+# barely changes a random UNet's output and a few training steps cannot show a falling loss. Sharper
+# keys and a louder output make the tiny models depend on single words, as trained models do.
+CROSS_ATTENTION_GAIN = {"attn2.to_k.": 3.0, "attn2.to_out.0.": 4.0}
+VERSION = 2  # part of the cached file name: bump when the weights change
 
 
 def randomize(module, generator, v_marker: bool = False) -> None:
@@ -60,6 +66,7 @@ def randomize(module, generator, v_marker: bool = False) -> None:
             elif param.dim() >= 2:
                 fan_in = math.prod(param.shape[1:])
                 value = torch.randn(param.shape, generator=generator) / math.sqrt(fan_in)
+                value *= next((gain for part, gain in CROSS_ATTENTION_GAIN.items() if part in name), 1.0)
             elif name.endswith("weight") and any(s in lname for s in ("norm", "ln_", "layer_norm")):
                 value = torch.ones(param.shape)
             elif v_marker and name.endswith(V_MARKER):

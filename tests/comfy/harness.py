@@ -33,6 +33,7 @@ STAND_IN = HERE / "stand_in"
 PROBE_PACK = HERE / "probe_pack"
 PACK_FOLDER = "textinv-pack"
 FAMILIES = ("sd15", "sd2v", "sdxl")
+CHECKPOINT_VERSION = 2  # = build_checkpoints.VERSION (not imported: that module is for ComfyUI's process)
 
 
 def comfyui_path() -> Path | None:
@@ -56,7 +57,7 @@ def server_env() -> dict:
 def build_checkpoint(family: str) -> Path:
     """The cached tiny checkpoint of one layout, built on first use (SD1.5 ~5 s, SDXL ~30 s)."""
     comfy = comfyui_path()
-    path = cache_dir() / f"textinv-tiny-{family}.safetensors"
+    path = cache_dir() / f"textinv-tiny-{family}-v{CHECKPOINT_VERSION}.safetensors"
     if not path.exists():
         cmd = ["nice", "-n", "10", sys.executable, str(HERE / "build_checkpoints.py"), str(path), family]
         done = subprocess.run(cmd, cwd=comfy, env=server_env(), capture_output=True, text=True, timeout=900)

@@ -137,3 +137,27 @@ def test_example_workflows_open_in_the_ui_without_missing_nodes(page, server):
         classes = {v["class_type"] for v in prompt.values()}
         assert any(c.startswith("Textinv") for c in classes), classes
     assert not page.textinv_errors, page.textinv_errors
+
+
+def test_prompt_boxes_autocomplete_pseudo_words(page, server):
+    (server.embeddings / "disc-autocomplete.safetensors").write_bytes(
+        (server.embeddings / "disc-browser.safetensors").read_bytes())
+    page.evaluate("app.graph.clear()")
+    page.evaluate("""() => {
+        const n = LiteGraph.createNode('CLIPTextEncode'); n.pos = [200, 200]; app.graph.add(n);
+        const t = LiteGraph.createNode('TextinvTrainEmbedding'); t.pos = [700, 200]; app.graph.add(t);
+        t.widgets.find(w => w.name === 'name').value = 'graph-word';
+    }""")
+    page.wait_for_timeout(800)
+    box = page.locator("textarea").first
+    box.click()  # focusing a prompt box refreshes the list of embedding files
+    page.wait_for_timeout(500)
+    page.keyboard.type("a photo of <")
+    page.wait_for_selector(".textinv-autocomplete", timeout=10_000)
+    offered = page.evaluate("[...document.querySelectorAll('.textinv-autocomplete [data-word]')]"
+                            ".map(e => e.dataset.word)")
+    assert "<graph-word>" in offered, offered
+    page.keyboard.type("disc-au")
+    page.wait_for_timeout(300)
+    page.keyboard.press("Enter")
+    assert box.input_value() == "a photo of <disc-autocomplete>"

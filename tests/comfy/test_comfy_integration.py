@@ -154,7 +154,11 @@ def test_pseudo_word_conditions_exactly_like_the_embedding_file(server, family):
     assert not torch.equal(other["0.cond"], word["0.cond"])
     with_word = saved_image(server, entry, f"{tag}-with-save")
     without = saved_image(server, entry, f"{tag}-without-save")
-    assert np.abs(with_word - without).mean() > 0.5
+    # sampling is deterministic on CPU, so any change comes from the word's conditioning
+    changed = float((with_word != without).any(axis=-1).mean())
+    diff = np.abs(with_word - without).mean()
+    print(f"{family}: <{name}> changed {changed:.0%} of the pixels, mean |diff| {diff:.3f}")
+    assert changed > 0.05
 
 
 def test_cancel_keeps_a_valid_snapshot_and_the_server_goes_on(server):
