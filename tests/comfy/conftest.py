@@ -6,6 +6,11 @@ Run them with:  COMFYUI_PATH=/path/to/ComfyUI python -m pytest tests/comfy -rs
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from .harness import FAMILIES, ComfyServer, build_checkpoint, comfyui_path, write_training_images
@@ -38,10 +43,14 @@ def checkpoints(comfy_path):
 
 
 @pytest.fixture(scope="session")
-def server(checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("comfy")
+def server(checkpoints):
+    # Not tmp_path_factory: pytest prunes old basetemp folders, and other pytest runs on the same
+    # machine could delete this one while the server still writes into it.
+    root = Path(tempfile.mkdtemp(prefix="textinv-comfy-"))
     srv = ComfyServer(root, checkpoints)
     write_training_images(srv.input / "textinv-disc")
     srv.start()
     yield srv
     srv.stop()
+    if os.environ.get("TEXTINV_KEEP_SERVER_DIR") != "1":
+        shutil.rmtree(root, ignore_errors=True)

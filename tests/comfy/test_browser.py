@@ -36,7 +36,10 @@ def page(server):
         browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         tab = browser.new_page(viewport={"width": 1280, "height": 900})
         errors: list[str] = []
-        tab.on("pageerror", lambda error: errors.append(str(error)))
+        # only errors raised in this pack's scripts count: ComfyUI 0.3.64's front end itself logs
+        # "Cannot read properties of undefined (reading 'id')" at start-up, with or without the pack
+        tab.on("pageerror", lambda error: errors.append(f"{error}\n{error.stack}")
+               if "/extensions/" in (error.stack or "") else None)
         tab.goto(server.url)
         tab.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=120_000)
         tab.wait_for_timeout(1000)
@@ -46,23 +49,59 @@ def page(server):
         browser.close()
 
 
-def menu_entries(page) -> list[str]:
-    return page.evaluate("[...document.querySelectorAll('.litemenu-entry')].map(e => e.textContent)")
+# app.loadApiJson in front end 1.27 looks nodes up by string id after giving them numeric ids, so it
+# fails on every graph; this does the same (create, set widgets, connect, arrange) with numeric ids.
+LOAD_API_GRAPH = """(g) => {
+    app.graph.clear();
+    const nodes = {};
+    for (const [id, data] of Object.entries(g)) {
+        const node = LiteGraph.createNode(data.class_type);
+        node.id = Number(id);
+        app.graph.add(node);
+        nodes[id] = node;
+    }
+    for (const [id, data] of Object.entries(g)) {
+        const node = nodes[id];
+        for (const [name, value] of Object.entries(data.inputs)) {
+            if (Array.isArray(value)) {
+                nodes[value[0]].connect(value[1], node, node.inputs.findIndex((i) => i.name === name));
+            } else {
+                const widget = node.widgets?.find((w) => w.name === name);
+                if (widget) widget.value = value;
+            }
+        }
+    }
+    app.graph.arrange();
+    app.graph.setDirtyCanvas(true, true);
+}"""
 
 
-def test_the_three_nodes_can_be_added_from_the_menu(page):
-    page.evaluate("app.graph.clear()")
-    for node_type, title in MENU_NAMES.items():
+def open_canvas_menu(page, server) -> None:
+    """Right-click the empty canvas until LiteGraph's menu shows (the UI may still be settling)."""
+    for _ in range(20):
         page.mouse.click(400, 300, button="right")
+        try:
+            page.locator(".litemenu-entry", has_text="Add Node").first.wait_for(timeout=1000)
+            return
+        except Exception:
+            page.keyboard.press("Escape")
+    page.screenshot(path=str(server.root / "menu-failure.png"))
+    raise AssertionError(f"the canvas menu did not open (screenshot: {server.root / 'menu-failure.png'})")
+
+
+def test_the_three_nodes_can_be_added_from_the_menu(page, server):
+    for node_type, title in MENU_NAMES.items():
+        page.evaluate("app.graph.clear()")  # the new node lands where the menu opened
+        open_canvas_menu(page, server)
         page.locator(".litemenu-entry", has_text="Add Node").first.click()
         page.locator(".litemenu-entry", has_text="textinv").first.click()
         page.locator(".litemenu-entry", has_text=title).first.click()
-        page.wait_for_timeout(200)
+        page.wait_for_timeout(300)
         types = page.evaluate("app.graph._nodes.map(n => n.type)")
-        assert node_type in types, f"{title} was not added from the menu (graph: {types})"
-    assert page.evaluate("app.extensionManager.extensions.some(e => e.name === 'textinv.ui')") or True
-    chart = page.evaluate("!!document.querySelector('canvas.textinv-loss-chart')")
-    assert chart, "Train Embedding has no loss chart widget"
+        assert types == [node_type], f"{title} was not added from the menu (graph: {types})"
+        if node_type == "TextinvTrainEmbedding":
+            chart = page.evaluate("!!document.querySelector('canvas.textinv-loss-chart')")
+            assert chart, "Train Embedding has no loss chart widget"
     assert not page.textinv_errors, page.textinv_errors
 
 
@@ -78,7 +117,7 @@ def test_loss_chart_draws_while_training(page, server):
             "eval_every": 8, "eval_draws": 4, "preview_every": 8, "captions": "", "overwrite": True}},
         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}},
     }
-    page.evaluate("g => app.loadApiJson(g, 'train.json')", graph)
+    page.evaluate(LOAD_API_GRAPH, graph)
     page.wait_for_timeout(500)
     page.evaluate("app.queuePrompt(0, 1)")
     page.wait_for_function(
@@ -101,7 +140,7 @@ def test_loss_chart_draws_while_training(page, server):
     page.wait_for_timeout(1500)
     node = page.evaluate("""() => {
         const n = app.graph._nodes.find(n => n.type === 'TextinvTrainEmbedding');
-        app.canvas.selectNode(n); app.canvas.fitViewToSelectionAnimated?.({duration: 0});
+        app.canvas.selectNode(n); app.canvas.fitViewToSelectionAnimated?.({duration: 1});
         return n.id; }""")
     assert node is not None
     page.wait_for_timeout(800)
@@ -112,7 +151,8 @@ def test_loss_chart_draws_while_training(page, server):
 
         image = Image.open(shot)
         image.thumbnail((960, 960))
-        image.convert("RGB").save(REPO / "docs" / "train-embedding.png", optimize=True)
+        image = image.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT)
+        image.save(REPO / "docs" / "train-embedding.png", optimize=True)
     assert not page.textinv_errors, page.textinv_errors
 
 
@@ -121,7 +161,7 @@ def test_example_workflows_open_in_the_ui_without_missing_nodes(page, server):
     for name, build in EXAMPLES.items():
         path = folder / f"{name}.json"
         if os.environ.get("TEXTINV_WRITE_WORKFLOWS") == "1":
-            page.evaluate("g => app.loadApiJson(g, 'x.json')", build())
+            page.evaluate(LOAD_API_GRAPH, build())
             page.wait_for_timeout(300)
             workflow = page.evaluate("JSON.parse(JSON.stringify(app.graph.serialize()))")
             Path(path).write_text(json.dumps(workflow, indent=2) + "\n")

@@ -259,7 +259,8 @@ def test_training_leaves_the_graphs_model_and_clip_unchanged(server):
                 **encode("neg", ["ckpt", 1], "", None), **sample(tag, "enc", "neg")}
 
     before = server.run(probe_graph("a photo of a ball", "unchanged-before"))
-    server.run({**checkpoint("sd15"), **train_node("disc-unchanged", steps=2)})
+    mask = {"mask": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}}}
+    server.run({**checkpoint("sd15"), **mask, **train_node("disc-unchanged", steps=2, mask=["mask", 0])})
     # a trailing space tokenizes the same but is a new cache key, so ComfyUI recomputes everything
     after = server.run(probe_graph("a photo of a ball ", "unchanged-after"))
     cond_before, cond_after = probe(server, "unchanged-before-cond"), probe(server, "unchanged-after-cond")
