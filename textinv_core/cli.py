@@ -187,10 +187,30 @@ def info_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    """The toy-world demo (a word visibly learned) when its committed model is here, else the random one."""
+    from .toyworld.model import DEFAULT_MODEL_DIR
 
-    run_demo(Path(args.out), steps=args.steps)
+    if args.random_model or not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
+        from .demo import run_demo
+
+        if not args.random_model:
+            print(f"the toy-world model is not at {DEFAULT_MODEL_DIR}; running the random-model demo")
+        run_demo(Path(args.out), steps=args.steps)
+        return 0
+    from .toyworld.demo import run_demo as run_toy_demo
+
+    report = run_toy_demo(Path(args.out), steps=args.steps)
+    result, scores = report["result"], report["scores"]
+    print(f"eval loss {result.init_eval_loss:.4f} at the init word -> {result.best_eval_loss:.4f}; "
+          f"reconstruction {scores['before']:.2f} (init word) -> {scores['after']:.2f} (learned word)")
+    print(f"wrote {report['embedding']} and {report['grid']}")
     return 0
+
+
+def bench_quality_command(args: argparse.Namespace) -> int:
+    from .toyworld.bench import run_quality
+
+    return run_quality(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,7 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build a small model offline and learn a word end to end")
     demo.add_argument("--out", default="textinv-demo", help="output folder")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    demo.add_argument("--random-model", action="store_true",
+                      help="use a random tiny SD1.x-layout model instead of the trained toy-world model")
     demo.set_defaults(func=demo_command)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    quality = bench.add_parser("quality", help="toy world: reconstruction and editability of a learned word")
+    from .toyworld.bench import add_quality_arguments
+
+    add_quality_arguments(quality)
+    quality.set_defaults(func=bench_quality_command)
     return parser
 
 
