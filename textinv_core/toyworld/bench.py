@@ -30,21 +30,21 @@ RECON_TEMPLATE = "a photo of a {}"
 
 @dataclass
 class QualityConfig:
-    """Benchmark settings; defaults give a standard error of about 0.05 per cell and seed."""
+    """Benchmark settings; 32 samples give a standard error of about 0.08 per cell and seed."""
 
     concept: dict[str, str]
     model: Path | None = None        # diffusers folder; None = the committed toy model
     out: Path = Path("textinv-bench-quality")
-    samples: int = 48                # per prompt and condition
+    samples: int = 32                # per prompt and condition
     seeds: tuple[int, ...] = (0,)    # inversion + sampling seeds; the spread across them is reported
     vectors: tuple[int, ...] = (1, 2, 4)
     init_word: str = "object"
-    steps: int = 400                 # inversion step budget; early stopping may end sooner
+    steps: int = 300                 # inversion step budget; early stopping may end sooner
     learning_rate: float = 5e-3
-    batch_size: int = 16
-    early_stop_patience: int = 4     # evaluations (every 25 steps) without improvement
+    batch_size: int = 8
+    early_stop_patience: int = 3     # evaluations (every 25 steps) without improvement
     images: int = 5
-    sample_steps: int = 25           # DDIM steps
+    sample_steps: int = 20           # DDIM steps
     guidance: float = 3.0            # classifier-free guidance scale
     extra: dict = field(default_factory=dict)
 
@@ -82,7 +82,7 @@ def invert(host, images, concept_seed: int, k: int, cfg: QualityConfig):
         name=PLACEHOLDER_NAME, init_word=cfg.init_word, num_vectors=k, steps=cfg.steps,
         learning_rate=cfg.learning_rate, scale_lr=False, batch_size=cfg.batch_size, resolution=world.SIZE,
         templates="captions", captions=[RECON_TEMPLATE] * len(images), seed=concept_seed, flip=True,
-        eval_every=25, eval_draws=32, early_stop_patience=cfg.early_stop_patience,
+        eval_every=25, eval_draws=16, early_stop_patience=cfg.early_stop_patience,
     )
     return config.placeholder, train(host, images, config)
 
@@ -103,8 +103,9 @@ def conditions_for(host, images, concept: dict[str, str], seed: int, cfg: Qualit
     for k in cfg.vectors:
         start = time.time()
         placeholder, result = invert(host, images, seed, k, cfg)
-        log.info("k=%d: eval loss %.4f -> %.4f, %d steps (%s) in %.0f s", k, result.init_eval_loss,
-                 result.best_eval_loss, result.steps_run, result.stopped_reason, time.time() - start)
+        norms = [f"{float(n):.2f}" for v in result.vectors.values() for n in v.norm(dim=1)]
+        log.info("k=%d: eval loss %.4f -> %.4f, %d steps (%s) in %.0f s; vector norms %s", k, result.init_eval_loss,
+                 result.best_eval_loss, result.steps_run, result.stopped_reason, time.time() - start, norms)
         rows.append(Condition(f"learned k={k}", placeholder, {placeholder: result.vectors},
                               steps_run=result.steps_run, stopped_reason=result.stopped_reason))
     rows.append(Condition(f"init word '{cfg.init_word}'", cfg.init_word, {}))
@@ -212,11 +213,11 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
       f"{', '.join(world.PATTERNS)})")
     a("--model", default=None, help="toy-world diffusers folder (default: the committed models/toyworld)")
     a("--out", default="textinv-bench-quality", help="folder for grid.png, scatter.png and results.json")
-    a("--samples", type=int, default=48, help="samples per prompt and condition")
+    a("--samples", type=int, default=32, help="samples per prompt and condition")
     a("--seeds", default="0", help="comma-separated seeds; the spread across them is reported")
     a("--vectors", default="1,2,4", help="comma-separated vector counts k to learn")
     a("--init-word", default="object", help="the word the vectors start from (also a baseline row)")
-    a("--steps", type=int, default=400, help="inversion step budget (early stopping may end sooner)")
+    a("--steps", type=int, default=300, help="inversion step budget (early stopping may end sooner)")
     a("--lr", type=float, default=5e-3, help="inversion learning rate (not scaled by batch)")
 
 
