@@ -212,11 +212,15 @@ def test_compose_concepts_types_two_words_in_one_prompt_and_blends(server):
         **encode("both", ["compose", 0], f"a photo of <{first}> in the style of <{second}>", "compose-both"),
         **encode("both-files", ["ckpt", 1], f"a photo of embedding:{first} in the style of embedding:{second}",
                  "compose-both-files"),
+        **load_word("chained", ["w1", 0], f"{second}.safetensors"),  # Load -> Load: both words
+        **encode("both-chained", ["chained", 0], f"a photo of <{first}> in the style of <{second}>",
+                 "compose-both-chained"),
         **encode("concat-word", ["concat", 0], "a photo of <disc-concat>", "compose-concat"),
         **encode("concat-file", ["ckpt", 1], "a photo of embedding:disc-concat", "compose-concat-file"),
     }
     server.run(graph)
     assert torch.equal(probe(server, "compose-both")["0.cond"], probe(server, "compose-both-files")["0.cond"])
+    assert torch.equal(probe(server, "compose-both-chained")["0.cond"], probe(server, "compose-both-files")["0.cond"])
     assert torch.equal(probe(server, "compose-concat")["0.cond"], probe(server, "compose-concat-file")["0.cond"])
     blend = load_file(str(server.embeddings / "disc-blend.safetensors"))["emb_params"]
     a = load_file(str(server.embeddings / f"{first}.safetensors"))["emb_params"]
