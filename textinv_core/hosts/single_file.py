@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from textinv_core.host import HostError
+from ..host import HostError
 
 logger = logging.getLogger(__name__)
 
@@ -481,7 +481,7 @@ def components_from_state_dict(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    from textinv_core.tokenizer import clip_tokenizer
+    from ..tokenizer import clip_tokenizer
 
     _check_choices(None, prediction_type)
     sd = _normalize_variants(sd)
