@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .hosts.single_file import scheduler_for
 from .tokenizer import clip_tokenizer
 
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -81,19 +82,6 @@ def tiny_vae():
     )
 
 
-def tiny_scheduler(prediction_type: str):
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type=prediction_type,
-        clip_sample=False,
-    )
-
-
 def build_tiny_components(family: str, seed: int = 0) -> dict:
     """Components dict (unet, vae, text encoders, tokenizers, scheduler) of a tiny model."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -118,7 +106,7 @@ def build_tiny_components(family: str, seed: int = 0) -> dict:
     context = sum(_TEXT[key][0] for key, _, _ in encoders)
     components["unet"] = tiny_unet(family, context).eval()
     components["vae"] = tiny_vae().eval()
-    components["scheduler"] = tiny_scheduler("v_prediction" if family == "sd2" else "epsilon")
+    components["scheduler"] = scheduler_for("v_prediction" if family == "sd2" else "epsilon")
     return components
 
 
