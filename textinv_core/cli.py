@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -243,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:  # library advice (e.g. "install accelerate") is noise to someone training a word
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # read by both libraries when first imported
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return args.func(args)
     except USER_ERRORS as error:
