@@ -203,6 +203,31 @@ def test_mask_weights_the_loss(tiny_host, images):
         train(host, images, small_config(steps=3), masks=torch.zeros(1, 32, 32))
 
 
+class RecordTimesteps:
+    """Delegates to a real host and keeps every timestep the UNet is asked about."""
+
+    def __init__(self, host):
+        self._host, self.seen = host, []
+
+    def __getattr__(self, name):
+        return getattr(self._host, name)
+
+    def predict(self, noisy, timesteps, cond):
+        self.seen.extend(int(t) for t in timesteps)
+        return self._host.predict(noisy, timesteps, cond)
+
+
+def test_timestep_range_limits_training_and_evaluation_draws(tiny_host, images):
+    host = RecordTimesteps(tiny_host("sd1"))
+    n = host.num_timesteps
+    train(host, images, small_config(steps=10, eval_every=5, timestep_range=(0.6, 0.9)))
+    assert len(host.seen) > 20
+    assert min(host.seen) >= int(0.6 * n) and max(host.seen) < round(0.9 * n)
+    assert max(host.seen) - min(host.seen) > 0.2 * n  # the whole range is used, not one corner
+    with pytest.raises(TrainingError, match="timestep range"):
+        train(host, images, small_config(timestep_range=(0.8, 0.5)))
+
+
 def test_style_and_caption_templates_reach_the_prompts(tiny_host, images):
     host = tiny_host("sd1")
     style = Trainer(host, images, small_config(templates="style"))

@@ -53,6 +53,8 @@ class TrainConfig:
     max_norm_ratio: float = 0.0        # cap ||v|| at this x the mean real-token norm (0 = off)
     progressive_steps: tuple[int, ...] = ()  # steps at which one more vector joins (paper: 2000, 4000)
     per_image_tokens: bool = False     # "a photo of S* with S_i": one extra, unsaved token per image
+    timestep_range: tuple[float, float] = (0.0, 1.0)  # share of the noise schedule drawn; high noise is where
+    #                                    the prompt decides what appears, low noise mostly fits pixel noise
     eval_every: int = 50               # steps between evaluations on the fixed draws
     eval_draws: int = 16               # fixed (image, noise, t) draws of the evaluation set
     early_stop_patience: int = 0       # evaluations without improvement before stopping (0 = off)
@@ -80,6 +82,9 @@ class TrainConfig:
             )
         if len(self.progressive_steps) >= self.num_vectors:
             raise TrainingError("progressive steps add one vector each: vectors must exceed their count.")
+        low, high = self.timestep_range
+        if not 0.0 <= low < high <= 1.0:
+            raise TrainingError(f"timestep range must satisfy 0 <= low < high <= 1 (got {low}, {high}).")
         if self.per_image_tokens and self.templates == "captions":
             raise TrainingError("per-image tokens work with the object or style templates, not captions.")
 
@@ -208,13 +213,21 @@ class Trainer:
         return templates[template_index % len(templates)].format(cfg.placeholder)
 
     # -- loss ----------------------------------------------------------------------------------
+    def timestep_bounds(self) -> tuple[int, int]:
+        """[first, last) of the training timesteps: the configured share of the host's schedule."""
+        steps = self.host.num_timesteps
+        low, high = self.config.timestep_range
+        first = min(int(low * steps), steps - 1)
+        return first, max(first + 1, min(steps, round(high * steps)))
+
     def _make_eval_set(self) -> dict:
         """Fixed draws: images cycled, timesteps stratified, noise from a seed apart from training."""
         gen = torch.Generator().manual_seed(self.config.seed + 7919)
         n = self.config.eval_draws
         index = torch.arange(n) % self.count
-        steps = self.host.num_timesteps
-        timesteps = ((torch.arange(n) + torch.rand(n, generator=gen)) * steps / n).long().clamp(0, steps - 1)
+        first, last = self.timestep_bounds()
+        span = last - first
+        timesteps = (first + (torch.arange(n) + torch.rand(n, generator=gen)) * span / n).long().clamp(first, last - 1)
         noise = torch.randn((n, *self.latents.shape[2:]), generator=gen)
         template = EVAL_TEMPLATE.get(self.config.templates, "a photo of a {}")
         if self.config.templates == "captions":
@@ -257,7 +270,8 @@ class Trainer:
         index = torch.randint(0, self.count, (cfg.batch_size,), generator=gen)
         flips = torch.randint(0, 2, (cfg.batch_size,), generator=gen) if cfg.flip else torch.zeros_like(index)
         templates = torch.randint(0, 1 << 30, (cfg.batch_size,), generator=gen)
-        timesteps = torch.randint(0, self.host.num_timesteps, (cfg.batch_size,), generator=gen)
+        first, last = self.timestep_bounds()
+        timesteps = torch.randint(first, last, (cfg.batch_size,), generator=gen)
         noise = torch.randn((cfg.batch_size, *self.latents.shape[2:]), generator=gen)
         prompts = [self.prompt_for(int(i), int(t)) for i, t in zip(index, templates)]
         loss = self._loss(flips, index, noise, timesteps, prompts, self.words(self.step))
@@ -418,8 +432,10 @@ class Trainer:
             state = {k: handle.get_tensor(k) for k in handle.keys()}
         saved = meta["config"]
         mine = asdict(self.config)
+        defaults = asdict(TrainConfig(name=self.config.name))  # settings added since a file was written
         may_change = ("steps", "snapshot_every")
-        differing = [k for k in mine if k not in may_change and json.dumps(saved.get(k)) != json.dumps(mine[k])]
+        differing = [k for k in mine if k not in may_change
+                     and json.dumps(saved.get(k, defaults[k])) != json.dumps(mine[k])]
         if differing:
             raise TrainingError(f"Cannot resume: settings differ from the saved run ({', '.join(differing)}).")
         if meta["fingerprint"] != self.fingerprint:
