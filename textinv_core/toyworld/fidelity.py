@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 
 from . import scene as world
-from .sampling import sample_prompts
+from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, sample_prompts
 from .scorer import score_images
 
 
-def caption_fidelity(host, count: int = 128, seed: int = 0, held_out: bool = False, steps: int = 25,
-                     guidance: float = 3.0) -> dict[str, float]:
+def caption_fidelity(host, count: int = 128, seed: int = 0, held_out: bool = False,
+                     steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> dict[str, float]:
     """Per-attribute accuracy and 'all' over `count` full captions (one sample each)."""
     rng = np.random.default_rng(seed)
     scenes = []
