@@ -6,7 +6,7 @@ attribute words). Only the token rows of words the world uses are trained; every
 real 49408-token table keeps its seeded random init, which keeps a step cheap. Caption dropout
 (10% empty) gives classifier-free guidance its unconditional branch. The saved weights are an EMA.
 
-    python scripts/train_toy_model.py --out models/toyworld   # ~35 min on a shared 2-core CPU
+    python scripts/train_toy_model.py --out models/toyworld   # 6000 steps, ~0.41 s/step on 2 idle CPU cores
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ log = logging.getLogger("train_toy_model")
 
 # hyper-parameters in one place
 SEED = 0
-THREADS = 1    # one thread: deterministic, and no spin-waiting on a shared 2-core machine
-STEPS = 1800
+THREADS = 2    # a fixed thread count keeps CPU kernels deterministic
+STEPS = 6000
 BATCH = 32
 LR = 2e-3            # AdamW; linear warm-up then cosine decay to 10%
 WARMUP = 100
-EMA_DECAY = 0.998    # short run: a shorter EMA horizon than the usual 0.9999
+EMA_DECAY = 0.999
 MAX_TOKENS = 77
 
 
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop after this many steps of the --steps schedule (same EMA as that checkpoint)")
-    parser.add_argument("--checkpoint-every", type=int, default=600, help="save the EMA model every N steps")
+    parser.add_argument("--checkpoint-every", type=int, default=1500, help="save the EMA model every N steps")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     STEPS = args.steps
@@ -144,7 +144,7 @@ def main() -> None:
         value = float(loss.detach())
         running = value if running is None else 0.98 * running + 0.02 * value
         if step % 50 == 0 or step == last - 1:
-            log.info("step %d loss %.4f (avg %.4f) %.2f s/step", step, float(loss), running,
+            log.info("step %d loss %.4f (avg %.4f) %.2f s/step", step, value, running,
                      (time.time() - start) / (step + 1))
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < last:
             save(Path(args.out + f".step{step + 1}"))
