@@ -21,7 +21,7 @@ import torch
 from . import scene as world
 from .figures import image_grid, scatter
 from .metrics import Edit, editability, mean_and_spread, reconstruction
-from .sampling import sample_prompts
+from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, sample_prompts
 
 log = logging.getLogger(__name__)
 PLACEHOLDER_NAME = "toy-concept"
@@ -35,17 +35,21 @@ class QualityConfig:
     concept: dict[str, str]
     model: Path | None = None        # diffusers folder; None = the committed toy model
     out: Path = Path("textinv-bench-quality")
-    samples: int = 32                # per prompt and condition
+    samples: int = 64                # of "a photo of a S*" per condition and seed (reconstruction)
+    edit_samples: int = 16           # per edit prompt, condition and seed (five edits make editability)
     seeds: tuple[int, ...] = (0,)    # inversion + sampling seeds; the spread across them is reported
     vectors: tuple[int, ...] = (1, 2, 4)
     init_word: str = "object"
-    steps: int = 300                 # inversion step budget; early stopping may end sooner
-    learning_rate: float = 5e-3
+    steps: int = 400                 # inversion step budget; the vectors kept are the best by evaluation loss
+    learning_rate: float = 2e-2      # 5e-3 left colour or shape unlearned within 400 steps on this model
     batch_size: int = 8
-    early_stop_patience: int = 3     # evaluations (every 25 steps) without improvement
+    early_stop_patience: int = 0     # evaluations (every 25 steps) without 1% improvement; 0 = run every step
+    eval_draws: int = 64             # fixed evaluation draws: enough that early stopping is not noise
+    timestep_range: tuple[float, float] = (0.0, 1.0)  # share of the noise schedule the inversion draws
+    restarts: int = 1                # inversions per word (other training seeds); the lowest evaluation loss wins
     images: int = 5
-    sample_steps: int = 20           # DDIM steps
-    guidance: float = 3.0            # classifier-free guidance scale
+    sample_steps: int = DEFAULT_STEPS  # DDIM steps
+    guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance scale
     extra: dict = field(default_factory=dict)
 
 
@@ -71,20 +75,33 @@ class Condition:
     words: dict                       # placeholder -> vectors for the host
     recolour_phrase: str | None = None  # the caption drops its own colour word under a recolour
     steps_run: int | None = None
+    best_step: int | None = None      # the step whose vectors were kept (best evaluation loss)
     stopped_reason: str = ""
 
 
 def invert(host, images, concept_seed: int, k: int, cfg: QualityConfig):
-    """The engine's textual inversion of the training images into k vectors."""
+    """The engine's textual inversion of the training images into k vectors.
+
+    With `cfg.restarts` > 1 the inversion runs again from the same init word with other training seeds
+    and the run with the lowest evaluation loss is kept: the loss alone picks, never the scorer.
+    """
     from ..trainer import TrainConfig, train
 
-    config = TrainConfig(
-        name=PLACEHOLDER_NAME, init_word=cfg.init_word, num_vectors=k, steps=cfg.steps,
-        learning_rate=cfg.learning_rate, scale_lr=False, batch_size=cfg.batch_size, resolution=world.SIZE,
-        templates="captions", captions=[RECON_TEMPLATE] * len(images), seed=concept_seed, flip=True,
-        eval_every=25, eval_draws=16, early_stop_patience=cfg.early_stop_patience,
-    )
-    return config.placeholder, train(host, images, config)
+    best = None
+    for restart in range(cfg.restarts):
+        config = TrainConfig(
+            name=PLACEHOLDER_NAME, init_word=cfg.init_word, num_vectors=k, steps=cfg.steps,
+            learning_rate=cfg.learning_rate, scale_lr=False, batch_size=cfg.batch_size, resolution=world.SIZE,
+            templates="captions", captions=[RECON_TEMPLATE] * len(images), seed=concept_seed + 1000 * restart,
+            flip=True, eval_every=25, eval_draws=cfg.eval_draws, early_stop_patience=cfg.early_stop_patience,
+            timestep_range=cfg.timestep_range,
+        )
+        result = train(host, images, config)
+        log.info("k=%d restart %d: best evaluation loss %.4f at step %d", k, restart, result.best_eval_loss,
+                 result.best_step)
+        if best is None or result.best_eval_loss < best.best_eval_loss:
+            best = result
+    return config.placeholder, best
 
 
 def random_vector(host, seed: int) -> dict[str, torch.Tensor]:
@@ -107,7 +124,8 @@ def conditions_for(host, images, concept: dict[str, str], seed: int, cfg: Qualit
         log.info("k=%d: eval loss %.4f -> %.4f, %d steps (%s) in %.0f s; vector norms %s", k, result.init_eval_loss,
                  result.best_eval_loss, result.steps_run, result.stopped_reason, time.time() - start, norms)
         rows.append(Condition(f"learned k={k}", placeholder, {placeholder: result.vectors},
-                              steps_run=result.steps_run, stopped_reason=result.stopped_reason))
+                              steps_run=result.steps_run, best_step=result.best_step,
+                              stopped_reason=result.stopped_reason))
     rows.append(Condition(f"init word '{cfg.init_word}'", cfg.init_word, {}))
     rows.append(Condition("human caption", caption, {},
                           recolour_phrase=f"{concept['pattern']} {concept['shape']}"))
@@ -121,10 +139,11 @@ def measure(host, condition: Condition, concept: dict[str, str], seed: int, cfg:
     prompts = [RECON_TEMPLATE.format(condition.phrase)]
     prompts += [edit.template.format(condition.phrase) for edit in edits]
     prompts.append(recolour.template.format(condition.recolour_phrase or condition.phrase))
-    n = cfg.samples
-    images = sample_prompts(host, [p for p in prompts for _ in range(n)], condition.words, seed=seed,
-                            steps=cfg.sample_steps, guidance=cfg.guidance)
-    groups = [images[i * n:(i + 1) * n] for i in range(len(prompts))]
+    counts = [cfg.samples] + [cfg.edit_samples] * (len(prompts) - 1)
+    images = sample_prompts(host, [p for p, n in zip(prompts, counts) for _ in range(n)], condition.words,
+                            seed=seed, steps=cfg.sample_steps, guidance=cfg.guidance)
+    ends = [sum(counts[:i + 1]) for i in range(len(counts))]
+    groups = [images[end - n:end] for end, n in zip(ends, counts)]
     out = {"recon": reconstruction(groups[0], concept), "edits": {}, "examples": {"recon": groups[0][:6]}}
     for edit, group in zip(edits, groups[1:-1]):
         out["edits"][edit.label] = editability(group, edit, concept)
@@ -144,7 +163,7 @@ def run_benchmark(cfg: QualityConfig, host=None) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     concept = cfg.concept
     per_seed: dict[str, list[dict]] = {}
-    steps_run: dict[str, list[int]] = {}
+    steps_run: dict[str, list[str]] = {}  # "run/best" per seed
     grid_rows = []
     for seed in cfg.seeds:
         scenes = world.concept_images(concept, cfg.images, seed=seed)
@@ -160,7 +179,7 @@ def run_benchmark(cfg: QualityConfig, host=None) -> dict:
                      result["edit"], time.time() - start)
             per_seed.setdefault(condition.label, []).append(result)
             if condition.steps_run is not None:
-                steps_run.setdefault(condition.label, []).append(condition.steps_run)
+                steps_run.setdefault(condition.label, []).append(f"{condition.steps_run}/{condition.best_step}")
             if seed == cfg.seeds[0]:
                 examples = [im for ims in result["examples"].values() for im in ims]
                 grid_rows.append((condition.label, examples))
@@ -175,7 +194,7 @@ def run_benchmark(cfg: QualityConfig, host=None) -> dict:
     return summary
 
 
-def summarise(per_seed: dict[str, list[dict]], steps_run: dict[str, list[int]]) -> dict:
+def summarise(per_seed: dict[str, list[dict]], steps_run: dict[str, list[str]]) -> dict:
     summary = {}
     for label, results in per_seed.items():
         summary[label] = {
@@ -193,7 +212,7 @@ def format_table(summary: dict, reference: str = "human caption") -> str:
     """Plain-text table: mean ± spread over seeds, and the ratio of recon/edit to the caption's."""
     ref = summary.get(reference)
     head = (f"{'condition':<22} {'recon':>13} {'strict':>13} {'edit':>13} {'edit+keep':>13} {'recolour':>13} "
-            f"{'recon/cap':>9} {'edit/cap':>9}  steps")
+            f"{'recon/cap':>9} {'edit/cap':>9}  steps run/best")
     lines = [head, "-" * len(head)]
     for label, row in summary.items():
         cells = [f"{row[k][0]:.3f}±{row[k][1]:.3f}".rjust(13)
@@ -205,6 +224,19 @@ def format_table(summary: dict, reference: str = "human caption") -> str:
     return "\n".join(lines)
 
 
+def verdict(summary: dict, reference: str = "human caption", learned: str = "learned k=1") -> str:
+    """The issue's test in one line: the learned word against the caption (ratios) and the init word (gap)."""
+    if learned not in summary or reference not in summary:
+        return ""
+    row, ref = summary[learned], summary[reference]
+    init = next((v for k, v in summary.items() if k.startswith("init word")), None)
+    parts = [f"{learned}: reconstruction {row['recon'][0] / max(ref['recon'][0], 1e-9):.2f}x and editability "
+             f"{row['edit'][0] / max(ref['edit'][0], 1e-9):.2f}x the human caption's"]
+    if init is not None:
+        parts.append(f"reconstruction {row['recon'][0] - init['recon'][0]:+.3f} over the init word")
+    return "; ".join(parts)
+
+
 # -- command line ------------------------------------------------------------------------------
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
@@ -213,33 +245,46 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
       f"{', '.join(world.PATTERNS)})")
     a("--model", default=None, help="toy-world diffusers folder (default: the committed models/toyworld)")
     a("--out", default="textinv-bench-quality", help="folder for grid.png, scatter.png and results.json")
-    a("--samples", type=int, default=32, help="samples per prompt and condition")
-    a("--seeds", default="0", help="comma-separated seeds; the spread across them is reported")
+    a("--samples", type=int, default=64, help="samples of 'a photo of a S*' per condition and seed")
+    a("--edit-samples", type=int, default=16, help="samples per edit prompt, condition and seed")
+    a("--seeds", default="0", help="comma-separated seeds (training images, inversion, sampling); "
+      "the spread across them is reported")
     a("--vectors", default="1,2,4", help="comma-separated vector counts k to learn")
     a("--init-word", default="object", help="the word the vectors start from (also a baseline row)")
-    a("--steps", type=int, default=300, help="inversion step budget (early stopping may end sooner)")
-    a("--lr", type=float, default=5e-3, help="inversion learning rate (not scaled by batch)")
+    a("--steps", type=int, default=400, help="inversion step budget")
+    a("--early-stop", type=int, default=0, help="stop after this many evaluations (every 25 steps) without 1%% "
+      "improvement (0 = never)")
+    a("--lr", type=float, default=2e-2, help="inversion learning rate (not scaled by batch)")
+    a("--restarts", type=int, default=1, help="inversions per word from the same init word with other seeds; "
+      "the one with the lowest evaluation loss is kept")
+    a("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale for every sample")
 
 
 def config_from_args(args: argparse.Namespace) -> QualityConfig:
     return QualityConfig(
         concept=world.parse_concept(args.concept), model=Path(args.model) if args.model else None,
-        out=Path(args.out), samples=args.samples, seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
+        out=Path(args.out), samples=args.samples, edit_samples=args.edit_samples,
+        seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
         vectors=tuple(int(k) for k in args.vectors.split(",") if k.strip()), init_word=args.init_word,
-        steps=args.steps, learning_rate=args.lr,
+        steps=args.steps, learning_rate=args.lr, guidance=args.guidance, early_stop_patience=args.early_stop,
+        restarts=args.restarts,
     )
 
 
 def run_quality(args: argparse.Namespace) -> int:
     """Entry point for `textinv bench quality`: run, print the table, say where the figures are."""
     cfg = config_from_args(args)
-    if cfg.samples < 1 or not cfg.seeds or not cfg.vectors:
-        raise ValueError("--samples, --seeds and --vectors must each give at least one value.")
+    if cfg.samples < 1 or cfg.edit_samples < 1 or not cfg.seeds or not cfg.vectors or min(cfg.vectors) < 1:
+        raise ValueError("--samples, --edit-samples, --seeds and --vectors must each give at least one value "
+                         "(vector counts of 1 or more).")
+    if cfg.steps < 1 or cfg.restarts < 1:
+        raise ValueError(f"--steps and --restarts must be at least 1 (got {cfg.steps} and {cfg.restarts}).")
     start = time.time()
     summary = run_benchmark(cfg)
-    print(f"concept {args.concept}: {len(cfg.seeds)} seed(s) x {cfg.samples} samples per cell, "
-          f"{time.time() - start:.0f} s")
+    print(f"concept {args.concept}: {len(cfg.seeds)} seed(s) x {cfg.samples} reconstruction and "
+          f"{cfg.edit_samples} x {len(edits_for(cfg.concept))} edit samples per condition, {time.time() - start:.0f} s")
     print(format_table(summary))
+    print(verdict(summary))
     print(f"wrote {cfg.out / 'grid.png'}, {cfg.out / 'scatter.png'}, {cfg.out / 'results.json'}")
     return 0
 

@@ -20,11 +20,12 @@ DEMO_CONCEPT = "shape=circle,colour=red,pattern=striped"
 
 
 def run_demo(out: Path, steps: int | None = None, concept: str = DEMO_CONCEPT, model: Path | None = None,
-             samples: int = 8) -> dict:
+             samples: int = 16) -> dict:
     """Learn the concept, save the embedding and before_after.png in `out`, return the scores."""
     from ..embedding_file import save_embedding
     from ..plots import loss_curve_image
     from ..trainer import TrainConfig, train
+    from .bench import QualityConfig
     from .model import load_host
 
     out = Path(out)
@@ -34,10 +35,11 @@ def run_demo(out: Path, steps: int | None = None, concept: str = DEMO_CONCEPT, m
     images = [world.render(s) for s in world.concept_images(parsed, count=5, seed=0)]
     for i, image in enumerate(images):
         image.save(out / f"train-{i}.png")
-    config = TrainConfig(name="toy-demo", init_word="object", steps=steps or 300, learning_rate=5e-3,
-                         scale_lr=False, batch_size=16, resolution=world.SIZE, templates="captions",
-                         captions=["a photo of a {}"] * len(images), eval_every=25, eval_draws=32,
-                         early_stop_patience=4)
+    settings = QualityConfig(concept=parsed)  # the quality benchmark's inversion settings
+    config = TrainConfig(name="toy-demo", init_word=settings.init_word, steps=steps or settings.steps,
+                         learning_rate=settings.learning_rate, scale_lr=False, batch_size=settings.batch_size,
+                         resolution=world.SIZE, templates="captions", captions=["a photo of a {}"] * len(images),
+                         eval_every=25, eval_draws=settings.eval_draws)
     result = train(host, images, config)
     embedding = out / "toy-demo.safetensors"
     save_embedding(embedding, result.vectors, config.name, overwrite=True,

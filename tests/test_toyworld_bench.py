@@ -1,0 +1,41 @@
+"""`textinv bench quality` end to end on the committed toy model, at a size that runs in seconds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from textinv_core.cli import main
+from textinv_core.toyworld.model import DEFAULT_MODEL_DIR
+
+pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "model_index.json").is_file(),
+                                reason="models/toyworld is not in this checkout")
+
+
+def test_bench_quality_prints_every_condition_and_writes_its_figures(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", "quality", "--concept", "shape=cross,colour=yellow,pattern=plain", "--samples", "3",
+                 "--edit-samples", "1", "--vectors", "1,2", "--steps", "4", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    for label in ("learned k=1", "learned k=2", "init word 'object'", "human caption", "random vector"):
+        assert label in printed
+    assert "the human caption's" in printed  # the verdict line
+    assert (out / "grid.png").stat().st_size > 0 and (out / "scatter.png").stat().st_size > 0
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert summary["learned k=1"]["steps_run"][0].startswith("4/")
+    for row in summary.values():
+        for key in ("recon", "edit", "recolour"):
+            assert 0.0 <= row[key][0] <= 1.0
+
+
+@pytest.mark.parametrize("concept, expected", [
+    ("shape=hexagon,colour=red,pattern=plain", "Unknown shape 'hexagon'"),
+    ("shape=circle,colour=red", "needs pattern"),
+])
+def test_bench_quality_rejects_a_bad_concept_before_any_work(tmp_path, capsys, concept, expected):
+    out = tmp_path / "bench"
+    assert main(["bench", "quality", "--concept", concept, "--out", str(out)]) == 2
+    assert expected in capsys.readouterr().err
+    assert not out.exists()
