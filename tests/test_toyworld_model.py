@@ -49,7 +49,7 @@ def test_short_inversion_improves_reconstruction_over_the_init_word(host):
     from textinv_core.toyworld.metrics import reconstruction
     from textinv_core.toyworld.sampling import sample
 
-    concept = world.parse_concept("shape=circle,colour=red,pattern=striped")  # held out of training
+    concept = world.parse_concept("shape=triangle,colour=green,pattern=striped")  # held out of training
     images = [world.render(s) for s in world.concept_images(concept, count=5, seed=0)]
     cfg = QualityConfig(concept=concept, steps=60, batch_size=8, early_stop_patience=0)
     placeholder, result = invert(host, images, 0, 1, cfg)
