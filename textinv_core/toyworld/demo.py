@@ -1,6 +1,6 @@
 """`textinv demo` on the toy world: a new user watches a word being learned and can see that it worked.
 
-Renders 5 images of a concept the toy model never saw (a red striped circle), learns a pseudo-word
+Renders 5 images of a concept the toy model never saw (a green striped triangle), learns a pseudo-word
 for it with the engine from the init word "object", and writes a before/after grid (the init word's
 samples above, the learned word's below) with the scorer's reconstruction for each.
 """
@@ -16,7 +16,7 @@ from .metrics import reconstruction
 from .sampling import sample
 
 log = logging.getLogger(__name__)
-DEMO_CONCEPT = "shape=circle,colour=red,pattern=striped"
+DEMO_CONCEPT = "shape=triangle,colour=green,pattern=striped"
 
 
 def run_demo(out: Path, steps: int | None = None, concept: str = DEMO_CONCEPT, model: Path | None = None,
