@@ -79,23 +79,29 @@ class Condition:
     stopped_reason: str = ""
 
 
+def inversion_config(cfg: QualityConfig, image_count: int, name: str, k: int = 1, seed: int = 0):
+    """The engine's TrainConfig for one toy-world inversion with the benchmark's settings (the demo's too)."""
+    from ..trainer import TrainConfig
+
+    return TrainConfig(
+        name=name, init_word=cfg.init_word, num_vectors=k, steps=cfg.steps, learning_rate=cfg.learning_rate,
+        scale_lr=False, batch_size=cfg.batch_size, resolution=world.SIZE, templates="captions",
+        captions=[RECON_TEMPLATE] * image_count, seed=seed, flip=True, eval_every=25, eval_draws=cfg.eval_draws,
+        early_stop_patience=cfg.early_stop_patience, timestep_range=cfg.timestep_range,
+    )
+
+
 def invert(host, images, concept_seed: int, k: int, cfg: QualityConfig):
     """The engine's textual inversion of the training images into k vectors.
 
     With `cfg.restarts` > 1 the inversion runs again from the same init word with other training seeds
     and the run with the lowest evaluation loss is kept: the loss alone picks, never the scorer.
     """
-    from ..trainer import TrainConfig, train
+    from ..trainer import train
 
     best = None
     for restart in range(cfg.restarts):
-        config = TrainConfig(
-            name=PLACEHOLDER_NAME, init_word=cfg.init_word, num_vectors=k, steps=cfg.steps,
-            learning_rate=cfg.learning_rate, scale_lr=False, batch_size=cfg.batch_size, resolution=world.SIZE,
-            templates="captions", captions=[RECON_TEMPLATE] * len(images), seed=concept_seed + 1000 * restart,
-            flip=True, eval_every=25, eval_draws=cfg.eval_draws, early_stop_patience=cfg.early_stop_patience,
-            timestep_range=cfg.timestep_range,
-        )
+        config = inversion_config(cfg, len(images), PLACEHOLDER_NAME, k, seed=concept_seed + 1000 * restart)
         result = train(host, images, config)
         log.info("k=%d restart %d: best evaluation loss %.4f at step %d", k, restart, result.best_eval_loss,
                  result.best_step)

@@ -24,8 +24,8 @@ def run_demo(out: Path, steps: int | None = None, concept: str = DEMO_CONCEPT, m
     """Learn the concept, save the embedding and before_after.png in `out`, return the scores."""
     from ..embedding_file import save_embedding
     from ..plots import loss_curve_image
-    from ..trainer import TrainConfig, train
-    from .bench import QualityConfig
+    from ..trainer import train
+    from .bench import QualityConfig, inversion_config
     from .model import load_host
 
     out = Path(out)
@@ -36,10 +36,9 @@ def run_demo(out: Path, steps: int | None = None, concept: str = DEMO_CONCEPT, m
     for i, image in enumerate(images):
         image.save(out / f"train-{i}.png")
     settings = QualityConfig(concept=parsed)  # the quality benchmark's inversion settings
-    config = TrainConfig(name="toy-demo", init_word=settings.init_word, steps=steps or settings.steps,
-                         learning_rate=settings.learning_rate, scale_lr=False, batch_size=settings.batch_size,
-                         resolution=world.SIZE, templates="captions", captions=["a photo of a {}"] * len(images),
-                         eval_every=25, eval_draws=settings.eval_draws)
+    if steps:
+        settings.steps = steps
+    config = inversion_config(settings, len(images), "toy-demo")
     result = train(host, images, config)
     embedding = out / "toy-demo.safetensors"
     save_embedding(embedding, result.vectors, config.name, overwrite=True,
