@@ -27,9 +27,23 @@ def test_every_attribute_word_is_one_clip_token():
     from textinv_core.tokenizer import clip_tokenizer
 
     tok = clip_tokenizer()
-    for options in world.ATTRIBUTES.values():
+    for options in (*world.ATTRIBUTES.values(), [world.BLEND_WORD]):
         for word in options:
             assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+
+
+def test_blended_captions_put_only_the_concept_words_in_one_position():
+    rng = np.random.default_rng(0)
+    _, captions = world.training_batch(seed=0, count=400)
+    blended = [(caption, world.blend_concept_words(caption, rng)) for caption in captions]
+    changed = [(c, b, words) for c, (b, words) in blended if words]
+    assert 0.15 < len(changed) / len(captions) < 0.35  # BLEND_SHARE of the captions with 2+ concept words
+    concept_words = {*world.SHAPES, *world.COLOURS, *world.PATTERNS, "object"}
+    for caption, text, words in changed:
+        assert len(words) >= 2 and set(words) <= concept_words
+        assert text.split().count(world.BLEND_WORD) == 1
+        assert text.replace(world.BLEND_WORD, " ".join(words)) == caption  # sizes and backgrounds stay words
+    assert all(b == c for c, (b, words) in blended if not words)
 
 
 def test_held_out_concepts_never_appear_in_training_images_or_captions():

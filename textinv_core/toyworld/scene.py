@@ -31,6 +31,8 @@ ATTRIBUTES = {
     "size": tuple(SIZES),
 }
 CONCEPT_KEYS = ("shape", "colour", "pattern")
+BLEND_SHARE = 0.25    # training captions whose concept words share one token position (blend_concept_words)
+BLEND_WORD = "blend"  # marks that position: one CLIP token the world never says; its own row is unused
 
 # Never drawn for training: the benchmark's unseen concepts. Every pair inside them is still seen.
 HELD_OUT = (
@@ -135,6 +137,24 @@ def training_caption(scene: Scene, rng: np.random.Generator) -> str:
     if rng.random() > 0.3:
         text += f" on a {scene.background} background"
     return ("a photo of a " if rng.random() > 0.3 else "a ") + text
+
+
+def blend_concept_words(caption: str, rng: np.random.Generator) -> tuple[str, list[str]]:
+    """Sometimes put the caption's concept words (colour, pattern, shape) in one token position.
+
+    That position holds the sum of their rows (scaled by 1/sqrt(n)), so the encoder learns that one
+    token can carry several attributes, as a real CLIP's names of things do ("lemon": yellow, round).
+    Without it, one learned vector held at most two of a concept's three attributes on this world.
+    Returns the caption with the blend mark in place of the words, and the words blended.
+    """
+    concept_words = set(SHAPES) | set(COLOURS) | set(PATTERNS) | {"object"}
+    words = caption.split()
+    run = [i for i, w in enumerate(words) if w in concept_words]
+    if len(run) < 2 or rng.random() >= BLEND_SHARE:
+        return caption, []
+    blended = [words[i] for i in run]
+    kept = words[:run[0]] + [BLEND_WORD] + words[run[-1] + 1:]
+    return " ".join(kept), blended
 
 
 def training_batch(seed: int, count: int) -> tuple[list[Scene], list[str]]:
