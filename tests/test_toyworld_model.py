@@ -55,5 +55,5 @@ def test_short_inversion_improves_reconstruction_over_the_init_word(host):
     placeholder, result = invert(host, images, 0, 1, cfg)
     assert result.best_eval_loss < result.init_eval_loss
     learned = sample(host, f"a photo of a {placeholder}", {placeholder: result.vectors}, count=16, seed=1, steps=15)
-    init = sample(host, "a photo of a object", count=16, seed=1, steps=15)
+    init = sample(host, f"a photo of a {cfg.start_word()}", count=16, seed=1, steps=15)
     assert reconstruction(learned, concept)["graded"] > reconstruction(init, concept)["graded"] + 0.15

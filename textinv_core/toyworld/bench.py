@@ -39,18 +39,25 @@ class QualityConfig:
     edit_samples: int = 16           # per edit prompt, condition and seed (five edits make editability)
     seeds: tuple[int, ...] = (0,)    # inversion + sampling seeds; the spread across them is reported
     vectors: tuple[int, ...] = (1, 2, 4)
-    init_word: str = "object"
+    init_word: str | None = None     # None: the concept's shape (see `start_word`)
     steps: int = 400                 # inversion step budget; the vectors kept are the best by evaluation loss
     learning_rate: float = 2e-2      # 5e-3 left colour or shape unlearned within 400 steps on this model
     batch_size: int = 8
     early_stop_patience: int = 0     # evaluations (every 25 steps) without 1% improvement; 0 = run every step
     eval_draws: int = 64             # fixed evaluation draws: enough that early stopping is not noise
     timestep_range: tuple[float, float] = (0.0, 1.0)  # share of the noise schedule the inversion draws
-    restarts: int = 1                # inversions per word (other training seeds); the lowest evaluation loss wins
+    restarts: int = 2                # inversions per word (other training seeds); the lowest evaluation loss wins
     images: int = 5
     sample_steps: int = DEFAULT_STEPS  # DDIM steps
     guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance scale
     extra: dict = field(default_factory=dict)
+
+    def start_word(self) -> str:
+        """The init word: the paper starts from a coarse descriptor of what the thing is ("cat",
+        "sculpture") and learns what no word says. Here the shape says what it is; the colour and
+        pattern of a held-out concept are what no single word names. From a word that names no
+        attribute ("object"), one vector settled with the colour and pattern and no shape (README)."""
+        return self.init_word or self.concept["shape"]
 
 
 def edits_for(concept: dict[str, str]) -> list[Edit]:
@@ -84,7 +91,7 @@ def inversion_config(cfg: QualityConfig, image_count: int, name: str, k: int = 1
     from ..trainer import TrainConfig
 
     return TrainConfig(
-        name=name, init_word=cfg.init_word, num_vectors=k, steps=cfg.steps, learning_rate=cfg.learning_rate,
+        name=name, init_word=cfg.start_word(), num_vectors=k, steps=cfg.steps, learning_rate=cfg.learning_rate,
         scale_lr=False, batch_size=cfg.batch_size, resolution=world.SIZE, templates="captions",
         captions=[RECON_TEMPLATE] * image_count, seed=seed, flip=True, eval_every=25, eval_draws=cfg.eval_draws,
         early_stop_patience=cfg.early_stop_patience, timestep_range=cfg.timestep_range,
@@ -95,19 +102,30 @@ def invert(host, images, concept_seed: int, k: int, cfg: QualityConfig):
     """The engine's textual inversion of the training images into k vectors.
 
     With `cfg.restarts` > 1 the inversion runs again from the same init word with other training seeds
-    and the run with the lowest evaluation loss is kept: the loss alone picks, never the scorer.
+    and the run whose vectors have the lowest loss on one shared set of evaluation draws is kept: the
+    loss alone picks, never the scorer. (Each run's own draws differ with its seed, so its own best
+    loss is not comparable across runs.)
     """
-    from ..trainer import train
+    from ..trainer import Trainer, train
 
-    best = None
+    runs = []
     for restart in range(cfg.restarts):
         config = inversion_config(cfg, len(images), PLACEHOLDER_NAME, k, seed=concept_seed + 1000 * restart)
-        result = train(host, images, config)
-        log.info("k=%d restart %d: best evaluation loss %.4f at step %d", k, restart, result.best_eval_loss,
-                 result.best_step)
-        if best is None or result.best_eval_loss < best.best_eval_loss:
-            best = result
-    return config.placeholder, best
+        runs.append(train(host, images, config))
+        log.info("k=%d restart %d: best evaluation loss %.4f at step %d", k, restart, runs[-1].best_eval_loss,
+                 runs[-1].best_step)
+    if len(runs) == 1:
+        return config.placeholder, runs[0]
+    judge = Trainer(host, images, inversion_config(cfg, len(images), PLACEHOLDER_NAME, k, seed=concept_seed))
+    losses = []
+    for result in runs:
+        with torch.no_grad():
+            for key, vectors in judge.vectors.items():
+                vectors.copy_(result.vectors[key].to(vectors.device))
+        losses.append(judge.evaluate())
+    best = min(range(len(runs)), key=losses.__getitem__)
+    log.info("k=%d: shared-draw losses %s; kept restart %d", k, ", ".join(f"{v:.4f}" for v in losses), best)
+    return config.placeholder, runs[best]
 
 
 def random_vector(host, seed: int) -> dict[str, torch.Tensor]:
@@ -132,7 +150,7 @@ def conditions_for(host, images, concept: dict[str, str], seed: int, cfg: Qualit
         rows.append(Condition(f"learned k={k}", placeholder, {placeholder: result.vectors},
                               steps_run=result.steps_run, best_step=result.best_step,
                               stopped_reason=result.stopped_reason))
-    rows.append(Condition(f"init word '{cfg.init_word}'", cfg.init_word, {}))
+    rows.append(Condition(f"init word '{cfg.start_word()}'", cfg.start_word(), {}))
     rows.append(Condition("human caption", caption, {},
                           recolour_phrase=f"{concept['pattern']} {concept['shape']}"))
     rows.append(Condition("random vector", "<random>", {"<random>": random_vector(host, seed)}))
@@ -256,12 +274,13 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seeds", default="0", help="comma-separated seeds (training images, inversion, sampling); "
       "the spread across them is reported")
     a("--vectors", default="1,2,4", help="comma-separated vector counts k to learn")
-    a("--init-word", default="object", help="the word the vectors start from (also a baseline row)")
+    a("--init-word", default=None, help="the word the vectors start from, also a baseline row (default: the "
+      "concept's shape, the coarse descriptor of what the thing is)")
     a("--steps", type=int, default=400, help="inversion step budget")
     a("--early-stop", type=int, default=0, help="stop after this many evaluations (every 25 steps) without 1%% "
       "improvement (0 = never)")
     a("--lr", type=float, default=2e-2, help="inversion learning rate (not scaled by batch)")
-    a("--restarts", type=int, default=1, help="inversions per word from the same init word with other seeds; "
+    a("--restarts", type=int, default=2, help="inversions per word from the same init word with other seeds; "
       "the one with the lowest evaluation loss is kept")
     a("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale for every sample")
 

@@ -1,8 +1,8 @@
 """`textinv demo` on the toy world: a new user watches a word being learned and can see that it worked.
 
 Renders 5 images of a concept the toy model never saw (a green striped triangle), learns a pseudo-word
-for it with the engine from the init word "object", and writes a before/after grid (the init word's
-samples above, the learned word's below) with the scorer's reconstruction for each.
+for it with the engine from the benchmark's init word (the shape, "triangle"), and writes a before/after
+grid (the init word's samples above, the learned word's below) with the scorer's reconstruction for each.
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ def run_demo(out: Path, steps: int | None = None, concept: str = DEMO_CONCEPT, m
     save_embedding(embedding, result.vectors, config.name, overwrite=True,
                    metadata={"textinv.family": host.family, "textinv.steps": str(result.steps_run)})
     loss_curve_image(result.train_losses, result.eval_losses, title="toy-demo").save(out / "loss.png")
-    before = sample(host, "a photo of a object", count=samples, seed=1)
+    before = sample(host, f"a photo of a {config.init_word}", count=samples, seed=1)
     after = sample(host, f"a photo of a {config.placeholder}", {config.placeholder: result.vectors},
                    count=samples, seed=1)
     scores = {"before": reconstruction(before, parsed)["graded"], "after": reconstruction(after, parsed)["graded"]}
-    image_grid([("training images", images), (f"before: object {scores['before']:.2f}", before),
+    image_grid([("training images", images), (f"before: {config.init_word} {scores['before']:.2f}", before),
                 (f"after: learned {scores['after']:.2f}", after)], label_width=170).save(out / "before_after.png")
     log.info("eval loss %.4f -> %.4f; reconstruction %.2f -> %.2f", result.init_eval_loss, result.best_eval_loss,
              scores["before"], scores["after"])
