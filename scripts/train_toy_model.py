@@ -7,7 +7,7 @@ real 49408-token table keeps its seeded random init, which keeps a step cheap. C
 (10% empty) gives classifier-free guidance its unconditional branch. The saved weights are an EMA.
 
 Two phases. The base phase (6000 steps) learns the world from plain captions. The blend phase
-(600 steps, from the base phase's saved weights) goes on with a quarter of the captions that name two
+(1000 steps, from the base phase's saved weights) goes on with a quarter of the captions that name two
 or more concept attributes putting those words in one token position that holds the sum of their rows
 (`scene.blend_concept_words`), so that one token can carry shape, colour and pattern at once, as a
 single learned word must. Blending from the start instead cost caption fidelity on held-out concepts
@@ -45,7 +45,7 @@ BATCH = 32
 LR = 2e-3            # AdamW; linear warm-up then cosine decay to 10%
 WARMUP = 100
 EMA_DECAY = 0.999
-BLEND_STEPS = 600    # the blend phase, from the base phase's saved weights (see the module docstring)
+BLEND_STEPS = 1000   # the blend phase, from the base phase's saved weights (see the module docstring)
 BLEND_LR = 5e-4      # constant
 BLEND_EMA_DECAY = 0.995
 MAX_TOKENS = 77
