@@ -10,7 +10,7 @@ from textinv_core.cli import main
 from textinv_core.toyworld.model import DEFAULT_MODEL_DIR
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "model_index.json").is_file(),
-                                reason="models/toyworld is not in this checkout")
+                                reason="the toy model (textinv_core/toyworld/weights) is not in this checkout")
 
 
 def test_bench_quality_prints_every_condition_and_writes_its_figures(tmp_path, capsys):

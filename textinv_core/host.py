@@ -17,13 +17,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-# Encoder keys used across hosts and files: SD1 'clip_l' (768), SD2 'clip_h' (1024),
-# SDXL 'clip_l' (768) + 'clip_g' (1280).
+from .errors import UserError
+
+# Encoder keys used across hosts and files (textinv_core/families.py): SD1 'clip_l' (768),
+# SD2 'clip_h' (1024), SDXL 'clip_l' (768) + 'clip_g' (1280).
 WordVectors = dict[str, torch.Tensor]
 
 
-class HostError(ValueError):
-    """A user-fixable problem detected by a host (bad prompt, unknown word, ...)."""
+class HostError(UserError):
+    """A user-fixable problem detected by a host (bad prompt, unknown word, models that do not match)."""
 
 
 @runtime_checkable
@@ -74,9 +76,20 @@ class Host(Protocol):
     def autocast(self) -> Any:
         """A context manager for the forward passes (mixed precision where the host runs it)."""
 
+    def sample(self, prompts: list[str], words: dict[str, WordVectors], seed: int, steps: int, guidance: float,
+               size: int) -> list:
+        """One PIL image per prompt, sampled with classifier-free guidance and the given word vectors.
 
-class Previewer(Protocol):
-    """Optional host capability: render preview images for a prompt with pseudo-words."""
+        Used by previews, the demo and the toy world alike. Deterministic for a seed: the initial
+        noise of all prompts is drawn at once from `seed`, so a prompt's image does not depend on how
+        the host batches them. `size` is in pixels.
+        """
 
-    def preview(self, prompt: str, words: dict[str, WordVectors], seed: int, size: int) -> Any:
-        """A PIL image of `prompt` sampled with the given word vectors."""
+    def recompute_blocks(self) -> list[torch.nn.Module]:
+        """The denoiser's blocks whose activations may be recomputed in the backward pass
+        (gradient checkpointing, textinv_core/recompute.py): the largest modules whose forward
+        takes tensors and returns tensors, e.g. the UNet's input/middle/output blocks."""
+
+    def free_memory(self) -> int | None:
+        """Bytes the next training step may still allocate on the host's device, asked of the host's
+        own memory management where it has one; None when unknown."""

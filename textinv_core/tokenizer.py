@@ -1,6 +1,6 @@
 """The real CLIP BPE tokenizer, from files the pack carries (no hub download).
 
-The files are rebuilt from OpenAI's released BPE table by scripts/build_clip_tokenizer.py; they
+The files are rebuilt from OpenAI's released BPE table by tools/build_clip_tokenizer.py; they
 tokenize exactly like the tokenizer that ships with SD1.x/SD2.x/SDXL.
 """
 

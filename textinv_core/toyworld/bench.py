@@ -267,7 +267,7 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     a("--concept", required=True, help="shape=...,colour=...,pattern=... e.g. shape=circle,colour=red,pattern=striped "
       f"(shapes: {', '.join(world.SHAPES)}; colours: {', '.join(world.COLOURS)}; patterns: "
       f"{', '.join(world.PATTERNS)})")
-    a("--model", default=None, help="toy-world diffusers folder (default: the committed models/toyworld)")
+    a("--model", default=None, help="toy-world diffusers folder (default: the committed textinv_core/toyworld/weights)")
     a("--out", default="textinv-bench-quality", help="folder for grid.png, scatter.png and results.json")
     a("--samples", type=int, default=64, help="samples of 'a photo of a S*' per condition and seed")
     a("--edit-samples", type=int, default=16, help="samples per edit prompt, condition and seed")

@@ -1,6 +1,6 @@
 """Caption fidelity of a toy model: how often a sample of a full caption shows every attribute.
 
-The model-quality number recorded in models/toyworld/README.md, measured with the scorer on
+The model-quality number recorded in docs/toyworld/README.md, measured with the scorer on
 scenes drawn like training scenes (seen concepts) and on the held-out concepts (unseen).
 """
 

@@ -15,7 +15,7 @@ import torch
 
 from .scene import SIZE
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "toyworld"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights"  # package data, so a wheel install finds it too
 TEXT_WIDTH = 128
 
 
@@ -79,5 +79,5 @@ def load_host(folder: str | Path | None = None):
 
     folder = Path(folder) if folder else DEFAULT_MODEL_DIR
     if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"No toy model at {folder}: run scripts/train_toy_model.py to build it.")
+        raise FileNotFoundError(f"No toy model at {folder}: run tools/train_toy_model.py to build it.")
     return DiffusersHost.from_pretrained(folder, dtype=torch.float32)

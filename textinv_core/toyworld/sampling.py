@@ -13,7 +13,7 @@ from PIL import Image
 
 from .scene import SIZE
 
-# Measured on the committed model (models/toyworld/README.md): caption fidelity peaks near 1.5 and
+# Measured on the committed model (docs/toyworld/README.md): caption fidelity peaks near 1.5 and
 # falls fast above 2 (colours and shapes wash out), unlike the 7.5 that large latent models use.
 DEFAULT_GUIDANCE = 1.5
 DEFAULT_STEPS = 20

@@ -11,10 +11,10 @@ Two phases. The base phase (6000 steps) learns the world from plain captions. Th
 or more concept attributes putting those words in one token position that holds the sum of their rows
 (`scene.blend_concept_words`), so that one token can carry shape, colour and pattern at once, as a
 single learned word must. Blending from the start instead cost caption fidelity on held-out concepts
-(shape right in 0.67 of samples, against 0.97): models/toyworld/README.md.
+(shape right in 0.67 of samples, against 0.97): docs/toyworld/README.md.
 
-    python scripts/train_toy_model.py --out models/toyworld   # ~0.42 s/step on 2 idle CPU cores
-    python scripts/train_toy_model.py --out models/toyworld --from-base models/toyworld.base  # blend phase only
+    python tools/train_toy_model.py --out textinv_core/toyworld/weights   # ~0.42 s/step on 2 idle CPU cores
+    python tools/train_toy_model.py --out textinv_core/toyworld/weights --from-base textinv_core/toyworld/weights.base
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def load_base(folder: Path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="models/toyworld", help="output diffusers folder")
+    parser.add_argument("--out", default="textinv_core/toyworld/weights", help="output diffusers folder")
     parser.add_argument("--steps", type=int, default=STEPS, help="steps of the base phase")
     parser.add_argument("--blend-steps", type=int, default=BLEND_STEPS, help="steps of the blend phase")
     parser.add_argument("--stop-after", type=int, default=None,

@@ -3,7 +3,7 @@
 Why: no hub download is possible, but the registry package `openai-clip` ships OpenAI's
 `bpe_simple_vocab_16e6.txt.gz`. This follows clip/simple_tokenizer.py's construction exactly
 (byte table, `</w>` forms, the first 48894 merges, the two special tokens: 49408 entries).
-Run: pip install openai-clip && python scripts/build_clip_tokenizer.py
+Run: pip install openai-clip && python tools/build_clip_tokenizer.py
 """
 
 from __future__ import annotations
