@@ -199,7 +199,8 @@ def training_images(count: int = 3, size: int = 64) -> list:
 class WebUIServer:
     """One headless web UI on 127.0.0.1 with the pack installed as an extension; HTTP helpers."""
 
-    def __init__(self, ui: str, webui: Path, root: Path, checkpoint: Path, browser: bool = False):
+    def __init__(self, ui: str, webui: Path, root: Path, checkpoint: Path, browser: bool = False,
+                 others: tuple[Path, ...] = ()):
         self.ui, self.webui, self.root, self.browser = ui, webui, root, browser
         self.python = webui_python(ui, webui)
         self.port = free_port()
@@ -211,7 +212,13 @@ class WebUIServer:
         for folder in (self.extensions, self.embeddings, self.ckpt_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.pack = install_pack(self.extensions / PACK_FOLDER)
+        settings = self.data / "config.json"
+        if not settings.exists():
+            # "Approx NN" live previews would download an SDXL approximation model; the cheap one is built in.
+            settings.write_text(json.dumps({"show_progress_type": "Approx cheap", "show_progress_every_n_steps": 1}))
         self.checkpoint = self.link_checkpoint(checkpoint)
+        for other in others:
+            self.link_checkpoint(other)
         self.log_path = root / "server.log"
         self.process: subprocess.Popen | None = None
 
@@ -303,6 +310,7 @@ class WebUIServer:
 
     def switch_checkpoint(self, checkpoint: Path) -> None:
         target = self.link_checkpoint(checkpoint)
-        status, body = self.post("/sdapi/v1/options", {"sd_model_checkpoint": target.stem})
+        self.post("/sdapi/v1/refresh-checkpoints", {})
+        status, body = self.post("/sdapi/v1/options", {"sd_model_checkpoint": target.name})
         if status != 200:
             raise RuntimeError(f"switching to {target.name} failed: {status} {body}")

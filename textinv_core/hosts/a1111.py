@@ -32,7 +32,14 @@ import torch
 
 from ..families import ENCODER_WIDTHS
 from ..host import HostError, WordVectors
-from .webui_common import DiscreteSchedule, euler_sample, frozen_parameters, no_checkpoint_flags, set_attributes
+from .webui_common import (
+    DiscreteSchedule,
+    euler_sample,
+    frozen_parameters,
+    no_checkpoint_flags,
+    reset_cond_cache,
+    set_attributes,
+)
 
 
 def text_wrappers(model) -> list:
@@ -110,6 +117,7 @@ class A1111Host:
         from modules import sd_hijack
 
         sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+        reset_cond_cache()
 
     # -- text ---------------------------------------------------------------------------------
     def word_vectors(self, text: str) -> WordVectors:

@@ -78,6 +78,16 @@ def euler_sample(host, prompts: list[str], words: dict, seed: int, steps: int, g
     return [Image.fromarray(a) for a in arrays]
 
 
+def reset_cond_cache() -> None:
+    """Forget the conditioning A1111/Forge cache for the last prompts, so a prompt typed before a
+    word existed is encoded again, now with the word (web-UI import inside)."""
+    from modules import processing
+
+    cls = processing.StableDiffusionProcessing
+    cls.cached_c = [None] * len(cls.cached_c)
+    cls.cached_uc = [None] * len(cls.cached_uc)
+
+
 @contextlib.contextmanager
 def set_attributes(changes: list[tuple[object, str, object]]) -> Iterator[None]:
     """Set (object, attribute, value) for the duration of the block; the old values always come back."""
@@ -102,7 +112,11 @@ def frozen_parameters(*modules: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         for p in params.values():
-            p.requires_grad_(True)
+            if p.is_inference():  # Forge's weights: their flag may only be set back inside inference mode
+                with torch.inference_mode():
+                    p.requires_grad_(True)
+            else:
+                p.requires_grad_(True)
 
 
 @contextlib.contextmanager
@@ -119,13 +133,24 @@ def no_checkpoint_flags(module: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-class _CloneInferenceTensors(TorchFunctionMode):
-    """Give autograd normal copies of inference-mode tensors where an op must save them for backward."""
+# `x += y` is `x = x.__iadd__(y)`, which reaches a mode as `add_`: answering with a new tensor keeps
+# the statement's meaning and leaves the tensor autograd saved untouched. An explicit `x.add_(y)`
+# whose result is dropped would lose its effect, so this mode is only for code without such calls on
+# the gradient path (Forge's UNet and text encoders: checked in backend/nn and backend/attention.py,
+# whose `sim.add_(mask)` runs only with an attention mask, which the UNet never passes).
+_OUT_OF_PLACE = {torch.Tensor.add_: torch.Tensor.add, torch.Tensor.sub_: torch.Tensor.sub,
+                 torch.Tensor.mul_: torch.Tensor.mul, torch.Tensor.div_: torch.Tensor.div}
+
+
+class _AutogradFriendly(TorchFunctionMode):
+    """Where an op's result needs a gradient: plain copies of inference-mode tensors (autograd cannot
+    save those), and augmented assignments (`x += y`) done out of place."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if torch.is_grad_enabled() and _any_requires_grad(args, kwargs):
             args, kwargs = _clone_inference((args, kwargs))
+            func = _OUT_OF_PLACE.get(func, func)
         return func(*args, **kwargs)
 
 
@@ -161,6 +186,7 @@ def autograd_through_inference_tensors() -> Iterator[None]:
     for backward. Inside this block, an op whose result needs a gradient gets plain copies of the
     inference tensors it reads; autograd keeps them until the backward pass (at most one copy of
     the weights on the word's gradient path, as ComfyUI's per-forward weight casts cost), and the
-    model's own tensors are never touched."""
-    with torch.inference_mode(False), torch.enable_grad(), _CloneInferenceTensors():
+    model's own tensors are never touched. Forge's UNet also adds in place (`x += n`, as ComfyUI's
+    does), which would overwrite what autograd saved: on the gradient path those become new tensors."""
+    with torch.inference_mode(False), torch.enable_grad(), _AutogradFriendly():
         yield

@@ -4,8 +4,12 @@ Why: A1111, Forge and reForge (and open_clip, k-diffusion) import torchvision at
 the registry's torchvision wheels need a CUDA build of torch, and the test venvs pin the local CPU
 torch, which must never be replaced. The code paths that really use torchvision (upscalers, face
 restoration, BLIP interrogation, open_clip's image transforms) are never reached by txt2img and
-training on the tiny checkpoints. So any `torchvision.*` module can be imported here, and touching
-anything in it raises: a test can never pass by silently running fake torchvision code.
+training on the tiny checkpoints. So any `torchvision.*` module can be imported here, and using
+anything in it raises: a test can never pass by silently running fake torchvision code. One
+exception: a transform *class* under torchvision.transforms (CamelCase, e.g. `Compose`, `Resize`)
+can be constructed, because open_clip builds its image preprocessing while A1111/sgm create the
+OpenCLIP text encoder (the vision tower and its preprocessing are then discarded); applying such a
+transform raises like everything else.
 
 Never shipped with the pack, never installed into a venv, never imported by pytest itself.
 """
@@ -32,6 +36,9 @@ class _Unavailable:
         return _Unavailable(f"{self._name}.{attr}")
 
     def __call__(self, *args, **kwargs):
+        last = self._name.rsplit(".", 1)[-1]
+        if self._name.startswith("torchvision.transforms.") and last[:1].isupper() and not last.endswith(")"):
+            return _Unavailable(f"{self._name}(...)")  # a transform object; applying it raises
         raise RuntimeError(f"{self._name} is not available: this is the textinv web-UI test harness's "
                            "torchvision stand-in, which only satisfies module-level imports.")
 
