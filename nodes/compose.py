@@ -2,7 +2,8 @@
 or their concatenation into one multi-vector word; optionally saved as an embedding file.
 
 "a photo of <clock> in the style of <style>" works by loading both words ("load all"); blends and
-concatenations make a new word `<name>` (its vectors are computed here, no training).
+concatenations make a new word `<name>` whose vectors the engine computes (textinv_core/compose.py).
+A saved word never replaces an existing file unless `overwrite` is on.
 """
 
 from __future__ import annotations
@@ -11,37 +12,6 @@ from .common import CATEGORY, EMBEDDING_TYPE, PseudoWord, embeddings_folder
 
 MODES = ["load all", "blend", "concatenate"]
 SLOTS = 4
-
-
-def _weights(text: str, count: int) -> list[float]:
-    if not text.strip():
-        return [1.0 / count] * count
-    try:
-        values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"Weights {text!r} are not numbers: write them like '0.7, 0.3'.") from None
-    if len(values) != count:
-        raise ValueError(f"{len(values)} weights for {count} connected words: give one weight per word.")
-    return values
-
-
-def compose(words: list[PseudoWord], mode: str, weights: str = "") -> dict:
-    """Vectors of the composed word per encoder key ('blend' / 'concatenate')."""
-    import torch
-
-    keys = set(words[0].vectors)
-    for word in words[1:]:
-        if set(word.vectors) != keys:
-            raise ValueError(f"Words <{words[0].name}> and <{word.name}> are for different model families "
-                             f"({', '.join(sorted(words[0].vectors))} vs {', '.join(sorted(word.vectors))}).")
-    if mode == "concatenate":
-        return {k: torch.cat([w.vectors[k].float() for w in words]) for k in keys}
-    counts = {w.num_vectors for w in words}
-    if len(counts) != 1:
-        raise ValueError("Blending needs words with the same number of vectors "
-                         f"(got {', '.join(str(w.num_vectors) for w in words)}); use concatenate instead.")
-    factors = _weights(weights, len(words))
-    return {k: sum(f * w.vectors[k].float() for f, w in zip(factors, words)) for k in keys}
 
 
 class ComposeConcepts:
@@ -72,37 +42,45 @@ class ComposeConcepts:
                 "weights": ("STRING", {"default": "", "tooltip": "Blend weights, one per connected word in "
                                        "order, e.g. '0.7, 0.3' (empty: equal)."}),
                 "save": ("BOOLEAN", {"default": False, "tooltip": "Write the composed word to the embeddings "
-                                     "folder (replacing a file of that name), so embedding:<name> works "
-                                     "everywhere."}),
+                                     "folder, so embedding:<name> works everywhere."}),
             },
-            "optional": optional,
+            "optional": {
+                **optional,
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "With save: replace an existing embedding "
+                              "file of this name (otherwise the node refuses, and a trained word is never lost)."}),
+            },
         }
 
-    def compose(self, clip, embedding_1, mode, name, weights, save, **more):
+    def compose(self, clip, embedding_1, mode, name, weights, save, overwrite=False, **more):
+        from ..textinv_core.compose import compose_vectors
         from ..textinv_core.embedding_file import save_embedding, validate_name
+        from ..textinv_core.errors import OutputExistsError, UserError
         from ..textinv_core.hosts.comfy import with_words
+        from ..textinv_core.metadata import composed_metadata
 
         words = [embedding_1] + [more[f"embedding_{i}"] for i in range(2, SLOTS + 1) if more.get(f"embedding_{i}")]
         if mode not in MODES:
-            raise ValueError(f"Unknown mode {mode!r}: choose one of {', '.join(MODES)}.")
+            raise UserError(f"Unknown mode {mode!r}: choose one of {', '.join(MODES)}.")
         loaded = {w.placeholder: w.vectors for w in words}
         ui: list[str] = []
         if mode == "load all":
             if len(loaded) != len(words):
-                raise ValueError("Two connected words have the same name: rename one in Load Pseudo-word.")
+                raise UserError("Two connected words have the same name: rename one in Load Pseudo-word.")
             result = words[0]
             if save:
-                raise ValueError("'load all' makes no new word to save: choose blend or concatenate to save.")
+                raise UserError("'load all' makes no new word to save: choose blend or concatenate to save.")
         else:
             name = validate_name(name)
-            vectors = compose(words, mode, weights)
-            result = PseudoWord(name=name, vectors=vectors, family=words[0].family,
-                                metadata={"textinv.composed": f"{mode} of {', '.join(w.name for w in words)}"})
+            target = embeddings_folder() / f"{name}.safetensors"
+            if save and target.exists() and not overwrite:  # refused before any work, like Train Embedding
+                raise OutputExistsError(f"An embedding named '{name}' already exists ({target}): choose another "
+                                        "name, or switch on overwrite.")
+            vectors = compose_vectors([(w.name, w.vectors) for w in words], mode, weights)
+            metadata = composed_metadata(words[0].family, mode, [w.name for w in words])
+            result = PseudoWord(name=name, vectors=vectors, family=words[0].family, metadata=metadata)
             loaded[result.placeholder] = vectors
             if save:
-                path = save_embedding(embeddings_folder() / f"{name}.safetensors", vectors, name,
-                                      metadata=dict(result.metadata, **{"textinv.family": result.family}),
-                                      overwrite=True)
+                path = save_embedding(target, vectors, name, metadata=metadata, overwrite=overwrite)
                 result.path = str(path)
                 ui.append(f"saved {path.name}")
         ui.append("words: " + " ".join(loaded))

@@ -57,3 +57,13 @@ def test_short_inversion_improves_reconstruction_over_the_init_word(host):
     learned = sample(host, f"a photo of a {placeholder}", {placeholder: result.vectors}, count=16, seed=1, steps=15)
     init = sample(host, f"a photo of a {cfg.start_word()}", count=16, seed=1, steps=15)
     assert reconstruction(learned, concept)["graded"] > reconstruction(init, concept)["graded"] + 0.15
+
+
+def test_demo_writes_a_word_that_scores_better_than_its_init_word(host, tmp_path):
+    from textinv_core.embedding_file import load_embedding
+    from textinv_core.toyworld.demo import run_demo
+
+    report = run_demo(tmp_path, steps=60, samples=16)
+    assert report["scores"]["after"] > report["scores"]["before"]
+    assert load_embedding(report["embedding"]).vectors[""].shape == (1, 128)
+    assert (tmp_path / "before_after.png").is_file() and (tmp_path / "loss.png").is_file()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from textinv_core.trainer import TrainConfig, Trainer, TrainingError, TrainingObserver, spread_init, train
 
@@ -280,3 +282,39 @@ def test_observer_sees_progress_loss_evaluations_and_previews(tiny_host, images)
 def test_resolution_that_does_not_fit_the_model_is_refused(tiny_host, images, resolution):
     with pytest.raises(TrainingError, match="multiple of 8"):
         train(tiny_host("sd1"), images, small_config(resolution=resolution))
+
+
+class PixelLocalHost:
+    """A real host's text encoder with a denoiser and an encoder that act on each 8x8 patch alone, so
+    a latent pixel depends only on its own patch: what a mask leaves out cannot reach the loss."""
+
+    def __init__(self, host):
+        self._host = host
+
+    def __getattr__(self, name):
+        return getattr(self._host, name)
+
+    def encode_images(self, pixels):
+        return torch.nn.functional.avg_pool2d(pixels.float(), 8).repeat(1, 2, 1, 1)[:, :4]
+
+    def predict(self, noisy, timesteps, cond):
+        return noisy * cond.hidden.float().pow(2).mean()
+
+
+def test_a_mask_leaves_the_loss_blind_to_pixels_outside_its_white_area(tiny_host, images):
+    host = PixelLocalHost(tiny_host("sd1"))
+    mask = torch.zeros(1, 32, 32)
+    mask[:, :, :16] = 1.0  # the left half is the subject
+    changed = []
+    for image in images:
+        pixels = np.array(image.resize((32, 32)))
+        pixels[:, 16:] = 255 - pixels[:, 16:]  # only the right half, outside the white area
+        changed.append(Image.fromarray(pixels))
+    same = [image.resize((32, 32)) for image in images]
+    config = small_config(steps=4, flip=False)
+    with_mask = [train(host, imgs, config, masks=mask) for imgs in (same, changed)]
+    assert with_mask[0].eval_losses == with_mask[1].eval_losses
+    assert with_mask[0].train_losses == with_mask[1].train_losses
+    assert torch.equal(with_mask[0].final_vectors["clip_l"], with_mask[1].final_vectors["clip_l"])
+    without = [train(host, imgs, config) for imgs in (same, changed)]
+    assert without[0].eval_losses != without[1].eval_losses  # the change does reach an unmasked loss

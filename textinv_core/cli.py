@@ -1,7 +1,8 @@
 """The `textinv` command: train, inspect and demo pseudo-words outside ComfyUI.
 
-Every user mistake ends in one line on stderr and exit status 2, with nothing written: inputs are
-checked before the model loads, and the embedding is written atomically at the end.
+Every user mistake (a `UserError`) ends in one line on stderr and exit status 2, with nothing
+written: inputs are checked before the model loads, and the embedding is written atomically at the
+end. Anything else is a bug or a resource problem and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import os
 import sys
 from pathlib import Path
 
-from .observer import TrainingObserver
+from .config import default
+from .errors import MissingFileError, OutputExistsError, UserError
+from .progress import ProgressBar
 
 log = logging.getLogger("textinv")
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileExistsError, FileNotFoundError, RuntimeError)
 
 
 def _dtype(name: str):
@@ -33,37 +35,46 @@ def _device(name: str) -> str:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    a = parser.add_argument
+    """The train command's flags; every training default is the engine's (textinv_core/config.py)."""
+    a, d = parser.add_argument, default
     a("--model", required=True, help="diffusers folder or single-file checkpoint (.safetensors/.ckpt)")
     a("--images", required=True, nargs="+", help="a folder of images, or image files")
     a("--name", required=True, help="the pseudo-word's name; prompts use it as <name>")
-    a("--init-word", default="object", help="coarse descriptor to start from, e.g. cat, toy, painting")
-    a("--vectors", type=int, default=1, help="vectors per word (k); 1 is usually enough")
-    a("--steps", type=int, default=500)
-    a("--lr", type=float, default=5e-3, help="base learning rate (multiplied by batch unless --no-scale-lr)")
+    a("--init-word", default=d("init_word"), help="coarse descriptor to start from, e.g. cat, toy, painting")
+    a("--vectors", type=int, default=d("num_vectors"), help="vectors per word (k); 1 is usually enough")
+    a("--steps", type=int, default=d("steps"))
+    a("--lr", type=float, default=d("learning_rate"),
+      help="base learning rate (multiplied by batch unless --no-scale-lr)")
     a("--no-scale-lr", action="store_true", help="use --lr as is instead of lr x batch")
-    a("--batch", type=int, default=1)
-    a("--resolution", type=int, default=512, help="training size in pixels (768 for SD2-768, 1024 for SDXL)")
-    a("--templates", choices=("object", "style", "captions"), default="object",
+    a("--batch", type=int, default=d("batch_size"))
+    a("--resolution", type=int, default=d("resolution"),
+      help="training size in pixels (768 for SD2-768, 1024 for SDXL)")
+    a("--templates", choices=("object", "style", "captions"), default=d("templates"),
       help="object/style prompt templates, or captions from <image>.txt files ({} marks the word)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=d("seed"))
     a("--output", help="output file (default ./<name>.safetensors, .pt for --format a1111)")
     a("--format", choices=("textinv", "a1111", "diffusers"), default="textinv",
       help="textinv: emb_params / clip_l+clip_g safetensors (ComfyUI, A1111, diffusers); a1111: .pt; "
            "diffusers: {token: tensor}")
     a("--overwrite", action="store_true", help="replace an existing output file")
     a("--resume", help="snapshot folder of an interrupted run with the same settings")
-    a("--snapshot-every", type=int, default=100, help="steps between snapshots (0: only on stop)")
-    a("--eval-every", type=int, default=50, help="steps between evaluation-loss measurements")
-    a("--preview-every", type=int, default=0, help="steps between preview PNGs in the snapshot folder (0: off)")
-    a("--early-stop", type=int, default=0, help="stop after this many evaluations without improvement (0: off)")
-    a("--max-norm", type=float, default=0.0, help="cap each vector's norm at this x the mean word norm (0: off)")
-    a("--init-pull", type=float, default=0.0, help="L2 pull toward the init word (paper's LDM code; 0: off)")
+    a("--snapshot-every", type=int, default=d("snapshot_every"), help="steps between snapshots (0: only on stop)")
+    a("--eval-every", type=int, default=d("eval_every"), help="steps between evaluation-loss measurements")
+    a("--preview-every", type=int, default=d("preview_every"),
+      help="steps between preview PNGs in the snapshot folder (0: off)")
+    a("--early-stop", type=int, default=d("early_stop_patience"),
+      help="stop after this many evaluations without improvement (0: off)")
+    a("--max-norm", type=float, default=d("max_norm_ratio"),
+      help="cap each vector's norm at this x the mean word norm (0: off)")
+    a("--init-pull", type=float, default=d("init_pull"), help="L2 pull toward the init word (paper's LDM code; 0: off)")
     a("--progressive", default="", help="comma-separated steps where one more vector joins, e.g. 2000,4000")
     a("--per-image-tokens", action="store_true", help="'a photo of S* with S_i' (paper's extension)")
     a("--no-flip", action="store_true", help="disable random horizontal flips")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     a("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="model precision (vectors stay fp32)")
+    a("--memory", choices=("auto", "fast", "low"), default=d("memory"),
+      help="fast: keep every activation for the backward pass (most memory); low: recompute them block by block "
+           "(about a third more time per step, a fraction of the memory); auto: low only when fast would not fit")
     a("--prediction", choices=("epsilon", "v_prediction"), help="override for single-file checkpoints")
 
 
@@ -71,6 +82,7 @@ def train_command(args: argparse.Namespace) -> int:
     from .data import find_image_files, load_images
     from .embedding_file import check_format, default_suffix, save_embedding, validate_name
     from .hosts.diffusers_host import DiffusersHost
+    from .metadata import training_metadata
     from .trainer import TrainConfig, Trainer
 
     name = validate_name(args.name)
@@ -88,7 +100,7 @@ def train_command(args: argparse.Namespace) -> int:
         captions=captions, seed=args.seed, flip=not args.no_flip, init_pull=args.init_pull,
         max_norm_ratio=args.max_norm, progressive_steps=progressive, per_image_tokens=args.per_image_tokens,
         eval_every=args.eval_every, early_stop_patience=args.early_stop, snapshot_every=args.snapshot_every,
-        preview_every=args.preview_every,
+        preview_every=args.preview_every, memory=args.memory,
     )
     config.validate(len(images))
     host = DiffusersHost.load(args.model, device=_device(args.device), dtype=_dtype(args.dtype),
@@ -106,62 +118,31 @@ def train_command(args: argparse.Namespace) -> int:
         where = trainer.last_snapshot or "none was written yet"
         print(f"\ninterrupted; last snapshot: {where} (resume with --resume {snapshots})", file=sys.stderr)
         return 130
-    meta = {"textinv.family": host.family, "textinv.steps": str(result.steps_run),
-            "textinv.init_word": config.init_word, "textinv.best_step": str(result.best_step),
-            "textinv.eval_loss": f"{result.best_eval_loss:.6f}"}
+    meta = training_metadata(host.family, config, result)
     save_embedding(output, result.vectors, name, fmt=args.format, metadata=meta, overwrite=args.overwrite)
     print(f"eval loss {result.init_eval_loss:.4f} at the init word -> {result.best_eval_loss:.4f} "
-          f"(best, step {result.best_step}); {result.stopped_reason} after {result.steps_run} steps")
+          f"(best, step {result.best_step}); {result.stopped_reason} after {result.steps_run} steps; {result.memory}")
     print(f"wrote {output}; use it as <{name}> or embedding:{name}")
     return 0
 
 
 def _check_output(output: Path, overwrite: bool, name: str) -> None:
     if output.is_dir():
-        raise ValueError(f"--output {output} is a folder: give a file name such as {output / name}.safetensors.")
+        raise UserError(f"--output {output} is a folder: give a file name such as {output / name}.safetensors.")
     if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists: pass --overwrite or choose another --output.")
+        raise OutputExistsError(f"{output} already exists: pass --overwrite or choose another --output.")
 
 
 def _read_caption(image_path: Path) -> str:
     caption = image_path.with_suffix(".txt")
     if not caption.is_file():
-        raise FileNotFoundError(f"--templates captions needs {caption} beside {image_path.name}.")
+        raise MissingFileError(f"--templates captions needs {caption} beside {image_path.name}.")
     return caption.read_text(encoding="utf-8").strip()
 
 
-class ProgressBar(TrainingObserver):
-    """tqdm progress with the latest training and evaluation loss."""
-
-    def __init__(self, preview_dir: Path | None = None) -> None:
-        self.bar = None
-        self.eval_loss = float("nan")
-        self.preview_dir = preview_dir
-
-    def on_step(self, step: int, total: int, loss: float) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(total=total, initial=step - 1, desc="training", unit="step")
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", eval=f"{self.eval_loss:.4f}")
-        if step == total:
-            self.bar.close()
-
-    def on_eval(self, step: int, eval_loss: float) -> None:
-        self.eval_loss = eval_loss
-
-    def on_snapshot(self, step: int, path: Path) -> None:
-        log.debug("snapshot %s", path)
-
-    def on_preview(self, step: int, image) -> None:
-        if self.preview_dir is not None:
-            self.preview_dir.mkdir(parents=True, exist_ok=True)
-            image.save(self.preview_dir / f"preview-step{step:06d}.png")
-
-
 def info_command(args: argparse.Namespace) -> int:
-    from .embedding_file import describe_width, load_embedding, vectors_for_encoders
+    from .embedding_file import load_embedding, vectors_for_encoders
+    from .families import describe_width
 
     emb = load_embedding(args.file)
     print(f"file:    {args.file}")
@@ -249,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return args.func(args)
-    except USER_ERRORS as error:
+    except UserError as error:
         if args.verbose:
             raise
         print(f"textinv: error: {error}", file=sys.stderr)

@@ -14,10 +14,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import UserError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with the training images that the user can fix."""
 
 

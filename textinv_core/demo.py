@@ -32,9 +32,12 @@ def demo_images(count: int = 4, size: int = 64, seed: int = 0) -> list[Image.Ima
 
 
 def run_demo(out: Path, steps: int | None = None) -> dict:
+    from .config import PREVIEW_GUIDANCE, PREVIEW_STEPS
     from .embedding_file import save_embedding
     from .hosts.diffusers_host import DiffusersHost
+    from .metadata import snapshot_metadata
     from .plots import loss_curve_image
+    from .progress import ProgressBar
     from .tiny_models import save_tiny_pipeline
     from .trainer import TrainConfig, train
 
@@ -50,17 +53,16 @@ def run_demo(out: Path, steps: int | None = None) -> dict:
         image.save(out / "images" / f"ring-{i}.png")
     config = TrainConfig(name="demo-ring", init_word="ring", steps=steps or 200, learning_rate=0.05,
                          batch_size=2, resolution=32, eval_every=25, eval_draws=16)
-    from .cli import ProgressBar
-
     result = train(host, images, config, observer=ProgressBar())
     embedding = out / "demo-ring.safetensors"
     save_embedding(embedding, result.vectors, config.name, overwrite=True,
-                   metadata={"textinv.family": host.family, "textinv.steps": str(result.steps_run)})
+                   metadata=snapshot_metadata(host.family, result.steps_run))
     loss_curve_image(result.train_losses, result.eval_losses, title="demo-ring").save(out / "loss.png")
     init = {config.placeholder: {k: v[:1] for k, v in host.word_vectors("ring").items()}}
     learned = {config.placeholder: result.vectors}
-    before = host.preview(f"a photo of a {config.placeholder}", init, seed=0, size=32)
-    after = host.preview(f"a photo of a {config.placeholder}", learned, seed=0, size=32)
+    prompt = [f"a photo of a {config.placeholder}"]
+    before = host.sample(prompt, init, seed=0, steps=PREVIEW_STEPS, guidance=PREVIEW_GUIDANCE, size=32)[0]
+    after = host.sample(prompt, learned, seed=0, steps=PREVIEW_STEPS, guidance=PREVIEW_GUIDANCE, size=32)[0]
     grid = Image.new("RGB", (64 * 2 + 4, 64), (255, 255, 255))
     grid.paste(before.resize((64, 64)), (0, 0))
     grid.paste(after.resize((64, 64)), (68, 0))

@@ -9,7 +9,6 @@ folder, then rename) and never replace an existing file unless asked.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 import re
@@ -19,14 +18,15 @@ from pathlib import Path
 
 import torch
 
+from .errors import OutputExistsError, UserError
+from .families import describe_width
+
 FORMATS = ("textinv", "a1111", "diffusers")
-# Width of each encoder key, used to name a family in error messages.
-FAMILY_BY_WIDTH = {768: "SD1.x / SDXL clip_l", 1024: "SD2.x", 1280: "SDXL clip_g"}
 _RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,99}$")
 
 
-class EmbeddingFileError(ValueError):
+class EmbeddingFileError(UserError):
     """A pseudo-word file that cannot be read, or cannot be used with the model at hand."""
 
 
@@ -126,7 +126,7 @@ def save_embedding(
     path = Path(path)
     name = validate_name(name)
     if not overwrite and path.exists():
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{path} already exists: choose another name or output path, or allow overwriting."
         )
     meta = {"textinv.name": name, "textinv.vectors": str(next(iter(vectors.values())).shape[0])}
@@ -161,10 +161,10 @@ def _commit(tmp: Path, path: Path, overwrite: bool) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise FileExistsError(f"{path} already exists: choose another name or allow overwriting.") from None
+        raise OutputExistsError(f"{path} already exists: choose another name or allow overwriting.") from None
     except OSError:  # file systems without hard links
         if path.exists():
-            raise FileExistsError(f"{path} already exists: choose another name or allow overwriting.") from None
+            raise OutputExistsError(f"{path} already exists: choose another name or allow overwriting.") from None
         os.replace(tmp, path)
 
 
@@ -231,11 +231,6 @@ def _as_matrix(value: object, path: Path) -> torch.Tensor:
     return tensor.unsqueeze(0) if tensor.dim() == 1 else tensor
 
 
-def describe_width(width: int) -> str:
-    family = FAMILY_BY_WIDTH.get(width)
-    return f"{width} wide ({family})" if family else f"{width} wide"
-
-
 def vectors_for_encoders(embedding: EmbeddingFile, encoders: dict[str, int]) -> dict[str, torch.Tensor]:
     """Match a file's vectors to a model's encoders, or say clearly why they do not fit."""
     source = embedding.vectors
@@ -267,8 +262,3 @@ def vectors_for_encoders(embedding: EmbeddingFile, encoders: dict[str, int]) -> 
     if len(counts) != 1:
         raise EmbeddingFileError(f"Embedding '{embedding.name}' has different vector counts per encoder.")
     return out
-
-
-def metadata_json(values: dict) -> dict[str, str]:
-    """safetensors metadata holds only strings: store structured values as JSON."""
-    return {f"textinv.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}

@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import torch
 
+from .families import ENCODER_WIDTHS, FAMILY_ENCODERS
 from .hosts.single_file import scheduler_for
 from .tokenizer import clip_tokenizer
 
-FAMILIES = ("sd1", "sd2", "sdxl")
-_TEXT = {  # hidden width, heads, activation, projection
-    "clip_l": (768, 12, "quick_gelu"),
-    "clip_h": (1024, 16, "gelu"),
-    "clip_g": (1280, 20, "gelu"),
+FAMILIES = tuple(FAMILY_ENCODERS)
+_TEXT = {  # heads and activation of each released encoder (its width: families.ENCODER_WIDTHS)
+    "clip_l": (12, "quick_gelu"),
+    "clip_h": (16, "gelu"),
+    "clip_g": (20, "gelu"),
 }
 
 
 def tiny_text_config(key: str, layers: int = 1):
     from transformers import CLIPTextConfig
 
-    width, heads, act = _TEXT[key]
+    width, (heads, act) = ENCODER_WIDTHS[key], _TEXT[key]
     return CLIPTextConfig(
         vocab_size=49408,
         hidden_size=width,
@@ -103,7 +104,7 @@ def build_tiny_components(family: str, seed: int = 0) -> dict:
         suffix = "" if index == 0 else "_2"
         components[f"text_encoder{suffix}"] = cls(tiny_text_config(key)).eval()
         components[f"tokenizer{suffix}"] = tokenizer
-    context = sum(_TEXT[key][0] for key, _, _ in encoders)
+    context = sum(ENCODER_WIDTHS[key] for key, _, _ in encoders)
     components["unet"] = tiny_unet(family, context).eval()
     components["vae"] = tiny_vae().eval()
     components["scheduler"] = scheduler_for("v_prediction" if family == "sd2" else "epsilon")

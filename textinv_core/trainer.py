@@ -1,16 +1,15 @@
-"""Textual Inversion training loop (Gal et al., ICLR 2023, §3), host-independent.
+"""The training loop of Textual Inversion (Gal et al., ICLR 2023, §3), host-independent.
 
-Minimises E_{z, y, eps, t} || target - pred(z_t, t, c(y with S*)) ||^2 over the k vectors of S*
-only. UNet, VAE and text encoder stay frozen and are never written: the vectors are spliced in by
-the host, so no gradient or optimiser state exists for the rest of the vocabulary. The vectors and
-their AdamW state are fp32 whatever precision the host runs in. All randomness comes from one
-seeded torch.Generator, so a run is deterministic on CPU and a resumed run retraces it exactly.
+One flat loop: draw a batch, take the objective's loss with the word's vectors spliced in
+(objective.py), step AdamW on those vectors only, project them, and now and then evaluate on fixed
+draws (evaluation.py), snapshot (snapshots.py) and preview. The vectors and their AdamW state are
+fp32 whatever precision the host runs in; all randomness comes from one seeded torch.Generator, so
+a run is deterministic on CPU and a resumed run retraces it exactly.
 Must never touch a model weight or write the final embedding file (callers do, atomically).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -19,82 +18,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import PREVIEW_GUIDANCE, PREVIEW_STEPS, TrainConfig, TrainingError
 from .data import as_pil_list, images_fingerprint, masks_to_tensor, pixels_from_images
-from .embedding_file import save_embedding, validate_name
+from .evaluation import BestSoFar, draws_for_run, evaluate
 from .host import Host, WordVectors
+from .memory import MemoryPlan, plan_memory
+from .objective import diffusion_loss, draw_batch, encode_latents, init_pull, project, timestep_bounds
 from .observer import TrainingObserver
+from .recompute import recomputed
+from .snapshots import check_resumable, read_resume, write_snapshot
 from .templates import EVAL_TEMPLATE, IMAGE_TOKEN_SETS, TEMPLATE_SETS, fill_caption
 
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingError", "TrainingObserver", "spread_init", "train"]
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """Training could not go on (bad settings, or a NaN loss); the message says what to do."""
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters with the paper's meaning; defaults follow the paper scaled to one GPU."""
-
-    name: str
-    init_word: str = "object"          # coarse descriptor the vectors start from ("cat", "toy", ...)
-    num_vectors: int = 1               # k; the paper finds 1 enough for most concepts
-    steps: int = 500
-    learning_rate: float = 5e-3        # paper's base LR; multiplied by batch size when scale_lr
-    scale_lr: bool = True              # paper: LR = base x GPUs x batch
-    batch_size: int = 1
-    resolution: int = 512              # pixels; must be a multiple of the host's latent factor
-    templates: str = "object"          # "object" | "style" | "captions"
-    captions: list[str] | None = None  # one per image with "{}" for the word, when templates="captions"
-    seed: int = 0
-    flip: bool = True                  # random horizontal flip (paper)
-    weight_decay: float = 0.0          # AdamW decay on the new vectors only
-    init_pull: float = 0.0             # LDM code's L2 pull toward the init embedding (0 = off)
-    max_norm_ratio: float = 0.0        # cap ||v|| at this x the mean real-token norm (0 = off)
-    progressive_steps: tuple[int, ...] = ()  # steps at which one more vector joins (paper: 2000, 4000)
-    per_image_tokens: bool = False     # "a photo of S* with S_i": one extra, unsaved token per image
-    timestep_range: tuple[float, float] = (0.0, 1.0)  # share of the noise schedule drawn; high noise is where
-    #                                    the prompt decides what appears, low noise mostly fits pixel noise
-    eval_every: int = 50               # steps between evaluations on the fixed draws
-    eval_draws: int = 16               # fixed (image, noise, t) draws of the evaluation set
-    early_stop_patience: int = 0       # evaluations without improvement before stopping (0 = off)
-    early_stop_min_delta: float = 0.01  # relative improvement that counts
-    snapshot_every: int = 0            # steps between snapshots (0 = only on cancel/NaN/end)
-    preview_every: int = 0             # steps between preview images, if the host can sample (0 = off)
-    preview_prompt: str = ""           # "{}" marks the word; default: the evaluation template
-
-    def validate(self, image_count: int) -> None:
-        validate_name(self.name)
-        if self.steps <= 0:
-            raise TrainingError(f"steps must be at least 1 (got {self.steps}).")
-        if self.num_vectors < 1 or self.num_vectors > 75:
-            raise TrainingError(f"vectors must be between 1 and 75 (got {self.num_vectors}).")
-        if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
-            raise TrainingError(f"learning rate must be a positive number (got {self.learning_rate}).")
-        if self.batch_size < 1:
-            raise TrainingError(f"batch size must be at least 1 (got {self.batch_size}).")
-        if self.templates not in ("object", "style", "captions"):
-            raise TrainingError(f"templates must be object, style or captions (got {self.templates!r}).")
-        if self.templates == "captions" and (not self.captions or len(self.captions) != image_count):
-            got = len(self.captions or [])
-            raise TrainingError(
-                f"templates=captions needs one caption per image: {image_count} images, {got} captions."
-            )
-        if len(self.progressive_steps) >= self.num_vectors:
-            raise TrainingError("progressive steps add one vector each: vectors must exceed their count.")
-        low, high = self.timestep_range
-        if not 0.0 <= low < high <= 1.0:
-            raise TrainingError(f"timestep range must satisfy 0 <= low < high <= 1 (got {low}, {high}).")
-        if self.per_image_tokens and self.templates == "captions":
-            raise TrainingError("per-image tokens work with the object or style templates, not captions.")
-
-    @property
-    def placeholder(self) -> str:
-        return f"<{self.name}>"
-
-    @property
-    def effective_lr(self) -> float:
-        return self.learning_rate * (self.batch_size if self.scale_lr else 1)
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: 2.5+
 
 
 @dataclass
@@ -107,12 +44,13 @@ class TrainResult:
     best_step: int
     steps_run: int
     stopped_reason: str                # "completed" | "early_stop" | "cancelled"
+    init_word: str = ""
+    memory: str = ""                   # the memory mode used and why
     train_losses: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     snapshot_path: Path | None = None
 
 
-# -- initialisation ------------------------------------------------------------------------------
 def spread_init(tokens: torch.Tensor, k: int) -> torch.Tensor:
     """k vectors from an init word of n tokens: equal -> as is; more -> averaged groups; fewer -> cycled."""
     n = tokens.shape[0]
@@ -125,13 +63,13 @@ def spread_init(tokens: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def init_vectors(host: Host, init_word: str, k: int) -> WordVectors:
+    """The paper's start: the embedding of a coarse descriptor word, spread over k vectors."""
     tokens = host.word_vectors(init_word)
     if any(t.shape[0] == 0 for t in tokens.values()):
         raise TrainingError(f"The init word {init_word!r} tokenizes to nothing: give a real word such as 'cat'.")
     return {key: spread_init(t, k) for key, t in tokens.items()}
 
 
-# -- the trainer ---------------------------------------------------------------------------------
 class Trainer:
     """One training run; `run()` trains and returns a TrainResult. State is resumable."""
 
@@ -148,19 +86,16 @@ class Trainer:
                 f"(e.g. {max(multiple, round(config.resolution / multiple) * multiple)})."
             )
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
-        self.device = host.device
         pixels = pixels_from_images(pil, config.resolution)
         self.fingerprint = images_fingerprint(pixels)
-        self.latents = self._encode(pixels)  # [2 (flip), N, C, h, w]
+        self.latents = encode_latents(host, pixels)  # [2 (flip), N, C, h, w]
         self.count = len(pil)
         self.weights = None
         if masks is not None:
-            weights = masks_to_tensor(masks, self.count, config.resolution)
-            size = self.latents.shape[-2:]
-            small = torch.nn.functional.interpolate(weights, size=size, mode="area")
-            self.weights = torch.stack([small, small.flip(-1)]).to(self.device)
-        self.init = init_vectors(host, config.init_word, config.num_vectors)
-        self.init = {k: v.to(self.device) for k, v in self.init.items()}
+            small = torch.nn.functional.interpolate(masks_to_tensor(masks, self.count, config.resolution),
+                                                    size=self.latents.shape[-2:], mode="area")
+            self.weights = torch.stack([small, small.flip(-1)]).to(host.device)
+        self.init = {k: v.to(host.device) for k, v in init_vectors(host, config.init_word, config.num_vectors).items()}
         self.vectors = {k: torch.nn.Parameter(v.clone()) for k, v in self.init.items()}
         self.image_vectors: dict[str, torch.nn.Parameter] = {}
         if config.per_image_tokens:
@@ -169,32 +104,36 @@ class Trainer:
         params = list(self.vectors.values()) + list(self.image_vectors.values())
         self.optimizer = torch.optim.AdamW(params, lr=config.effective_lr, weight_decay=config.weight_decay)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.eval_set = self._make_eval_set()
+        self.timesteps = timestep_bounds(host.num_timesteps, config.timestep_range)
+        self.eval_set = draws_for_run(config, self.count, self.latents.shape[2:], host.num_timesteps)
         self.step = 0
         self.train_losses: list[float] = []
         self.eval_losses: list[tuple[int, float]] = []
-        self.best = (math.inf, 0, {k: v.detach().clone() for k, v in self.vectors.items()})
-        self.stale_evals = 0
+        self.best = BestSoFar(config.early_stop_min_delta, vectors={k: v.clone() for k, v in self.init.items()})
         self.last_snapshot: Path | None = None
         norms = host.token_table_stats()
         self.max_norm = {k: config.max_norm_ratio * norms[k] for k in self.vectors} if config.max_norm_ratio else {}
+        self.memory = self._plan_memory()
+        self.recompute_blocks = host.recompute_blocks() if self.memory.mode == "low" else []
+        log.info("textinv: %s", self.memory.summary())
 
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """VAE latents once per image and flip (the paper re-encodes every step)."""
-        chunks = []
-        for flipped in (pixels, pixels.flip(-1)):
-            encoded = [self.host.encode_images(flipped[i:i + 4]) for i in range(0, flipped.shape[0], 4)]
-            chunks.append(torch.cat(encoded))
-        return torch.stack(chunks).to(self.device)
+    def _plan_memory(self) -> MemoryPlan:
+        """fast or low; for auto, probed on a batch drawn apart from training (its generator is untouched)."""
+        cfg = self.config
+        probe = draw_batch(torch.Generator().manual_seed(0), cfg.batch_size, self.count, self.latents.shape[2:],
+                           self.timesteps, self.prompt_for, flip=cfg.flip)
+        latent_multiple = max(1, self.host.pixel_multiple * self.latents.shape[-1] // cfg.resolution)
+        return plan_memory(cfg.memory, self.host, self.latents, probe, self.words(0), latent_multiple)
 
     # -- prompts -------------------------------------------------------------------------------
     def active_count(self, step: int) -> int:
         return self.config.num_vectors - sum(1 for s in self.config.progressive_steps if step < s)
 
-    def words(self, step: int) -> dict[str, WordVectors]:
+    def words(self, step: int, image_tokens: bool = True) -> dict[str, WordVectors]:
+        """The placeholder's active vectors (and the per-image tokens') at `step`."""
         k = self.active_count(step)
         words = {self.config.placeholder: {key: v[:k] for key, v in self.vectors.items()}}
-        for i in range(self.count if self.image_vectors else 0):
+        for i in range(self.count if self.image_vectors and image_tokens else 0):
             words[self.image_placeholder(i)] = {key: v[i:i + 1] for key, v in self.image_vectors.items()}
         return words
 
@@ -206,96 +145,37 @@ class Trainer:
         if cfg.templates == "captions":
             return fill_caption(cfg.captions[image_index], cfg.placeholder, cfg.name)
         if self.image_vectors:
-            templates = IMAGE_TOKEN_SETS[cfg.templates]
-            template = templates[template_index % len(templates)]
+            template = IMAGE_TOKEN_SETS[cfg.templates][template_index % len(IMAGE_TOKEN_SETS[cfg.templates])]
             return template.format(cfg.placeholder, self.image_placeholder(image_index))
         templates = TEMPLATE_SETS[cfg.templates]
         return templates[template_index % len(templates)].format(cfg.placeholder)
 
-    # -- loss ----------------------------------------------------------------------------------
-    def timestep_bounds(self) -> tuple[int, int]:
-        """[first, last) of the training timesteps: the configured share of the host's schedule."""
-        steps = self.host.num_timesteps
-        low, high = self.config.timestep_range
-        first = min(int(low * steps), steps - 1)
-        return first, max(first + 1, min(steps, round(high * steps)))
-
-    def _make_eval_set(self) -> dict:
-        """Fixed draws: images cycled, timesteps stratified, noise from a seed apart from training."""
-        gen = torch.Generator().manual_seed(self.config.seed + 7919)
-        n = self.config.eval_draws
-        index = torch.arange(n) % self.count
-        first, last = self.timestep_bounds()
-        span = last - first
-        timesteps = (first + (torch.arange(n) + torch.rand(n, generator=gen)) * span / n).long().clamp(first, last - 1)
-        noise = torch.randn((n, *self.latents.shape[2:]), generator=gen)
-        template = EVAL_TEMPLATE.get(self.config.templates, "a photo of a {}")
-        if self.config.templates == "captions":
-            prompts = [fill_caption(self.config.captions[i], self.config.placeholder, self.config.name) for i in index]
-        else:
-            prompts = [template.format(self.config.placeholder)] * n
-        return {"index": index, "timesteps": timesteps, "noise": noise, "prompts": prompts}
-
-    def _loss(self, flips, index, noise, timesteps, prompts, words) -> torch.Tensor:
-        latents = self.latents[flips, index]
-        noise = noise.to(self.device)
-        timesteps = timesteps.to(self.device)
-        with self.host.autocast():
-            cond = self.host.encode_text(prompts, words)
-            pred = self.host.predict(self.host.add_noise(latents, noise, timesteps), timesteps, cond)
-        target = self.host.target(latents, noise, timesteps)
-        error = (pred.float() - target.float()) ** 2
-        if self.weights is None:
-            return error.mean()
-        weights = self.weights[flips, index]
-        return (error * weights).sum() / (weights.sum() * error.shape[1]).clamp_min(1e-8)
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        s, total = self.eval_set, 0.0
-        n = len(s["prompts"])
-        words = self.words(self.step)
-        words = {self.config.placeholder: words[self.config.placeholder]}  # image tokens are not the concept
-        batch = max(self.config.batch_size, 4)
-        for start in range(0, n, batch):
-            sl = slice(start, start + batch)
-            index = s["index"][sl]
-            loss = self._loss(torch.zeros_like(index), index, s["noise"][sl], s["timesteps"][sl], s["prompts"][sl],
-                              words)
-            total += float(loss) * index.shape[0]
-        return total / n
-
-    def _train_step(self) -> float:
-        cfg, gen = self.config, self.generator
-        index = torch.randint(0, self.count, (cfg.batch_size,), generator=gen)
-        flips = torch.randint(0, 2, (cfg.batch_size,), generator=gen) if cfg.flip else torch.zeros_like(index)
-        templates = torch.randint(0, 1 << 30, (cfg.batch_size,), generator=gen)
-        first, last = self.timestep_bounds()
-        timesteps = torch.randint(first, last, (cfg.batch_size,), generator=gen)
-        noise = torch.randn((cfg.batch_size, *self.latents.shape[2:]), generator=gen)
-        prompts = [self.prompt_for(int(i), int(t)) for i, t in zip(index, templates)]
-        loss = self._loss(flips, index, noise, timesteps, prompts, self.words(self.step))
+    # -- one step and one evaluation -----------------------------------------------------------
+    def train_step(self) -> float:
+        """Draw a batch, take the loss with v* spliced in, step the optimiser, project; advance the step."""
+        cfg = self.config
+        draws = draw_batch(self.generator, cfg.batch_size, self.count, self.latents.shape[2:], self.timesteps,
+                           self.prompt_for, flip=cfg.flip)
+        with recomputed(self.recompute_blocks):
+            loss = diffusion_loss(self.host, self.latents, draws, self.words(self.step), self.weights)
         if cfg.init_pull:
-            pull = sum(((v - self.init[k]) ** 2).sum(-1).mean() for k, v in self.vectors.items())
-            loss = loss + cfg.init_pull * pull
+            loss = loss + cfg.init_pull * init_pull(self.vectors, self.init)
         value = float(loss.detach())
         if not math.isfinite(value):
             return value
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        self._after_step()
+        project(self.vectors, self.init, self.active_count(self.step), self.max_norm)
+        self.step += 1
+        self.train_losses.append(value)
         return value
 
-    @torch.no_grad()
-    def _after_step(self) -> None:
-        k = self.active_count(self.step)
-        for key, v in self.vectors.items():
-            if k < v.shape[0]:  # vectors not yet joined stay at their init (weight decay aside)
-                v[k:] = self.init[key][k:]
-            if key in self.max_norm:
-                norms = v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                v.mul_(torch.clamp(self.max_norm[key] / norms, max=1.0))
+    def evaluate(self) -> float:
+        """The objective on the fixed draws for the vectors as they stand (per-image tokens left out)."""
+        batch = max(self.config.batch_size, 4)
+        return evaluate(self.host, self.latents, self.eval_set, self.words(self.step, image_tokens=False),
+                        self.weights, batch)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -308,7 +188,11 @@ class Trainer:
                 reason = "cancelled"
                 self.snapshot()
                 break
-            loss = self._train_step()
+            try:
+                loss = self.train_step()
+            except (OUT_OF_MEMORY, RuntimeError) as error:
+                _advise_on_memory(error, self.memory)
+                raise
             if not math.isfinite(loss):
                 saved = self.snapshot()
                 where = f"the last good state is saved at {saved}" if saved else "no snapshot was kept"
@@ -316,8 +200,6 @@ class Trainer:
                     f"The loss became {loss} at step {self.step + 1}; training stopped and {where}. "
                     "Lower the learning rate, or train in fp32."
                 )
-            self.step += 1
-            self.train_losses.append(loss)
             self.observer.on_step(self.step, cfg.steps, loss)
             stop_early = False
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
@@ -329,17 +211,12 @@ class Trainer:
             if stop_early:
                 reason = "early_stop"
                 break
-        best_loss, best_step, best_vectors = self.best
         return TrainResult(
-            vectors={k: v.cpu() for k, v in best_vectors.items()},
+            vectors={k: v.cpu() for k, v in self.best.vectors.items()},
             final_vectors={k: v.detach().cpu().clone() for k, v in self.vectors.items()},
-            init_eval_loss=self.eval_losses[0][1],
-            final_eval_loss=self.eval_losses[-1][1],
-            best_eval_loss=best_loss,
-            best_step=best_step,
-            steps_run=self.step,
-            stopped_reason=reason,
-            train_losses=list(self.train_losses),
+            init_eval_loss=self.eval_losses[0][1], final_eval_loss=self.eval_losses[-1][1],
+            best_eval_loss=self.best.loss, best_step=self.best.step, steps_run=self.step, stopped_reason=reason,
+            init_word=cfg.init_word, memory=self.memory.summary(), train_losses=list(self.train_losses),
             eval_losses=list(self.eval_losses),
             snapshot_path=self.last_snapshot,
         )
@@ -349,59 +226,41 @@ class Trainer:
         value = self.evaluate()
         self.eval_losses.append((self.step, value))
         self.observer.on_eval(self.step, value)
-        best_loss = self.best[0]
-        self.stale_evals = 0 if value < best_loss * (1 - self.config.early_stop_min_delta) else self.stale_evals + 1
-        if value < best_loss:
-            self.best = (value, self.step, {k: v.detach().clone() for k, v in self.vectors.items()})
-        patience = self.config.early_stop_patience
-        return bool(patience) and self.stale_evals >= patience
+        self.best.update(self.step, value, self.vectors)
+        return self.best.patience_spent(self.config.early_stop_patience)
 
     def preview(self):
-        """Sample one image of the word as it stands, for hosts that implement `preview`."""
-        sample = getattr(self.host, "preview", None)
-        if sample is None:
+        """One image of the word as it stands, sampled by the host; a failed preview never ends training."""
+        cfg = self.config
+        prompt = (cfg.preview_prompt or EVAL_TEMPLATE.get(cfg.templates, "a photo of a {}")).replace("{}",
+                                                                                                     cfg.placeholder)
+        words = {cfg.placeholder: {k: v.detach() for k, v in self.words(self.step)[cfg.placeholder].items()}}
+        try:
+            with torch.no_grad():
+                image = self.host.sample([prompt], words, seed=cfg.seed, steps=PREVIEW_STEPS,
+                                         guidance=PREVIEW_GUIDANCE, size=cfg.resolution)[0]
+        except Exception as error:  # noqa: BLE001 - a preview is a view, not the work
+            log.warning("textinv: the preview at step %d failed (%s: %s)", self.step, type(error).__name__, error)
             return None
-        template = self.config.preview_prompt or EVAL_TEMPLATE.get(self.config.templates, "a photo of a {}")
-        prompt = template.replace("{}", self.config.placeholder)
-        words = {self.config.placeholder: {k: v.detach() for k, v in self.vectors.items()}}
-        with torch.no_grad():
-            image = sample(prompt, words, seed=self.config.seed, size=self.config.resolution)
         self.observer.on_preview(self.step, image)
         return image
 
-    # -- snapshots -----------------------------------------------------------------------------
+    # -- snapshots and resume ------------------------------------------------------------------
     def snapshot(self) -> Path | None:
         """A loadable embedding of the current vectors plus the state to resume from, both atomic."""
         if self.snapshot_dir is None:
             return None
-        from safetensors.torch import save_file
-
-        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
-        name = self.config.name
         vectors = {k: v.detach() for k, v in self.vectors.items()}
-        emb_path = self.snapshot_dir / f"{name}-step{self.step:06d}.safetensors"
-        save_embedding(emb_path, vectors, name, metadata={"textinv.steps": str(self.step),
-                                                          "textinv.family": getattr(self.host, "family", "")},
-                       overwrite=True)
-        state = self.state_tensors()
-        meta = {"textinv.resume": json.dumps(self.state_meta())}
-        resume_path = self.resume_path(self.snapshot_dir, name)
-        tmp = resume_path.with_name(f".{resume_path.name}.tmp")
-        save_file(state, str(tmp), metadata=meta)
-        tmp.replace(resume_path)
-        self.last_snapshot = emb_path
-        self.observer.on_snapshot(self.step, emb_path)
-        return emb_path
-
-    @staticmethod
-    def resume_path(snapshot_dir: Path, name: str) -> Path:
-        return Path(snapshot_dir) / f"{name}.resume.safetensors"
+        self.last_snapshot = write_snapshot(self.snapshot_dir, self.config.name, self.step, vectors,
+                                            getattr(self.host, "family", ""), self.state_tensors(), self.state_meta())
+        self.observer.on_snapshot(self.step, self.last_snapshot)
+        return self.last_snapshot
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {"rng": self.generator.get_state()}
         for key, v in self.vectors.items():
             state[f"vectors.{key}"] = v.detach().cpu().contiguous()
-            state[f"best.{key}"] = self.best[2][key].cpu().contiguous()
+            state[f"best.{key}"] = self.best.vectors[key].cpu().contiguous()
         for key, v in self.image_vectors.items():
             state[f"image_vectors.{key}"] = v.detach().cpu().contiguous()
         for i, param in enumerate(self.optimizer.param_groups[0]["params"]):
@@ -410,43 +269,22 @@ class Trainer:
         return state
 
     def state_meta(self) -> dict:
-        config = asdict(self.config)
-        return {
-            "step": self.step, "config": config, "fingerprint": self.fingerprint,
-            "train_losses": self.train_losses, "eval_losses": self.eval_losses,
-            "best_loss": self.best[0] if math.isfinite(self.best[0]) else None, "best_step": self.best[1],
-            "stale_evals": self.stale_evals,
-        }
+        best = self.best
+        return {"step": self.step, "config": asdict(self.config), "fingerprint": self.fingerprint,
+                "train_losses": self.train_losses, "eval_losses": self.eval_losses,
+                "best_loss": best.loss if math.isfinite(best.loss) else None, "best_step": best.step,
+                "stale_evals": best.stale}
 
     def load_state(self, path: str | Path) -> None:
-        """Continue from a resume file written by `snapshot` for the same images and settings."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if path.is_dir():
-            path = self.resume_path(path, self.config.name)
-        if not path.is_file():
-            raise TrainingError(f"No resume state at {path}: point to the snapshot folder of an earlier run.")
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {})["textinv.resume"])
-            state = {k: handle.get_tensor(k) for k in handle.keys()}
-        saved = meta["config"]
-        mine = asdict(self.config)
-        defaults = asdict(TrainConfig(name=self.config.name))  # settings added since a file was written
-        may_change = ("steps", "snapshot_every")
-        differing = [k for k in mine if k not in may_change
-                     and json.dumps(saved.get(k, defaults[k])) != json.dumps(mine[k])]
-        if differing:
-            raise TrainingError(f"Cannot resume: settings differ from the saved run ({', '.join(differing)}).")
-        if meta["fingerprint"] != self.fingerprint:
-            raise TrainingError("Cannot resume: the training images differ from the saved run's.")
+        """Continue from the resume state written by `snapshot` for the same images and settings."""
+        meta, state = read_resume(path, self.config.name)
+        check_resumable(meta, self.config, self.fingerprint)
         with torch.no_grad():
             for key, v in self.vectors.items():
                 v.copy_(state[f"vectors.{key}"].to(v.device))
             for key, v in self.image_vectors.items():
                 v.copy_(state[f"image_vectors.{key}"].to(v.device))
-        params = self.optimizer.param_groups[0]["params"]
-        for i, param in enumerate(params):
+        for i, param in enumerate(self.optimizer.param_groups[0]["params"]):
             slots = {k.split(".", 2)[2]: t for k, t in state.items() if k.startswith(f"optim.{i}.")}
             if slots:
                 self.optimizer.state[param] = {s: t.to(param.device) if s != "step" else t for s, t in slots.items()}
@@ -454,9 +292,22 @@ class Trainer:
         self.step = meta["step"]
         self.train_losses = list(meta["train_losses"])
         self.eval_losses = [tuple(e) for e in meta["eval_losses"]]
-        best_loss = meta["best_loss"] if meta["best_loss"] is not None else math.inf
-        self.best = (best_loss, meta["best_step"], {k: state[f"best.{k}"].to(self.device) for k in self.vectors})
-        self.stale_evals = meta["stale_evals"]
+        self.best.loss = meta["best_loss"] if meta["best_loss"] is not None else math.inf
+        self.best.step, self.best.stale = meta["best_step"], meta["stale_evals"]
+        self.best.vectors = {k: state[f"best.{k}"].to(self.host.device) for k in self.vectors}
+
+
+def _advise_on_memory(error: BaseException, plan: MemoryPlan) -> None:
+    """Out of memory is not the user's mistake, so it keeps its traceback; it gains what lowers the need."""
+    text = str(error)
+    if not isinstance(error, OUT_OF_MEMORY) and "can't allocate memory" not in text:
+        return
+    advice = ("textinv: out of memory during a training step. Set memory to 'low' (node input 'memory', "
+              "--memory low) to recompute activations instead of keeping them")
+    advice += "; it is already low: lower the batch size or the resolution." if plan.mode == "low" else "."
+    if hasattr(error, "add_note"):
+        error.add_note(advice)
+    log.error(advice)
 
 
 def train(host: Host, images, config: TrainConfig, masks=None, observer: TrainingObserver | None = None,

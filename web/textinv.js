@@ -1,6 +1,7 @@
 // textinv front-end extension (loaded by ComfyUI from WEB_DIRECTORY, served at /extensions/<pack>/).
 // 1. Train Embedding shows a live loss chart, fed by the server's `textinv.loss` events. The latest
-//    preview image arrives through ComfyUI's own progress previews and shows on the node.
+//    preview image arrives through ComfyUI's own progress previews and shows on the node; the memory
+//    mode the run uses (`textinv.memory`: fast or low, and why) is written under the chart.
 // 2. Prompt text boxes autocomplete `<` with the pseudo-words available: embedding files
 //    (GET /embeddings) and the words named by textinv nodes in the graph.
 import { app } from "../../scripts/app.js";
@@ -26,7 +27,7 @@ function drawChart(canvas, state) {
   let lo = Math.min(...values), hi = Math.max(...values);
   if (hi - lo < 1e-9) { lo -= 0.5; hi += 0.5; }
   const total = Math.max(state.total || 1, 1);
-  const left = 36, right = w - 6, top = 16, bottom = h - 14;
+  const left = 36, right = w - 6, top = 16, bottom = h - 16;
   const x = (s) => left + ((right - left) * s) / total;
   const y = (v) => bottom - ((bottom - top) * (v - lo)) / (hi - lo);
   ctx.strokeStyle = "#444";
@@ -35,6 +36,7 @@ function drawChart(canvas, state) {
   ctx.fillText(lo.toPrecision(3), 2, bottom);
   const last = train.length ? train[train.length - 1] : null;
   ctx.fillText(`step ${last ? last[0] : 0}/${state.total || "?"}` + (last ? `  loss ${last[1].toFixed(4)}` : ""), left, 11);
+  if (state.memory) ctx.fillText(state.memory.slice(0, 90), left, h - 2);
   // raw (grey) and exponentially smoothed (blue) training loss
   const line = (points, color, width) => {
     if (points.length < 2) return;
@@ -62,7 +64,7 @@ function addChart(node) {
   canvas.height = 140;
   canvas.className = "textinv-loss-chart";
   canvas.style.width = "100%";
-  node.textinvLoss = { canvas, train: [], evals: [], total: 0 };
+  node.textinvLoss = { canvas, train: [], evals: [], total: 0, memory: "" };
   node.addDOMWidget("loss_chart", "textinv_loss_chart", canvas, {
     serialize: false,
     getMinHeight: () => 140,
@@ -85,6 +87,16 @@ function onLoss(event) {
   }
   state.canvas.dataset.points = String(state.train.length);
   drawChart(state.canvas, state);
+  node.setDirtyCanvas(true, false);
+}
+
+function onMemory(event) {
+  const d = event.detail || {};
+  const node = app.graph && app.graph.getNodeById(Number(d.node) || d.node);
+  if (!node || !node.textinvLoss) return;
+  node.textinvLoss.memory = d.text || "";
+  node.textinvLoss.canvas.dataset.memory = node.textinvLoss.memory;
+  drawChart(node.textinvLoss.canvas, node.textinvLoss);
   node.setDirtyCanvas(true, false);
 }
 
@@ -191,6 +203,7 @@ app.registerExtension({
   name: "textinv.ui",
   async setup() {
     api.addEventListener("textinv.loss", onLoss);
+    api.addEventListener("textinv.memory", onMemory);
     api.addEventListener("textinv.snapshot", () => refreshFileWords());
     api.addEventListener("executed", () => refreshFileWords());
     await refreshFileWords();

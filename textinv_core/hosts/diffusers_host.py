@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from ..families import encoder_keys
 from ..host import HostError, WordVectors
+from ..memory import device_free_bytes
 
 log = logging.getLogger(__name__)
 MAX_TOKENS = 77
@@ -41,10 +43,6 @@ class Conditioning:
     pooled: torch.Tensor | None = None
 
 
-def family_encoder_keys(family: str) -> list[str]:
-    return {"sd1": ["clip_l"], "sd2": ["clip_h"], "sdxl": ["clip_l", "clip_g"]}[family]
-
-
 class DiffusersHost:
     """A loaded diffusers model as seen by the trainer; wraps the components, copies nothing."""
 
@@ -58,7 +56,7 @@ class DiffusersHost:
         models = [components[f"text_encoder{s}"] for s in ["", *second]]
         tokenizers = [components[f"tokenizer{s}"] for s in ["", *second]]
         self.family = components.get("family") or self._guess_family(models)
-        keys = family_encoder_keys(self.family) if self.family in ("sd1", "sd2", "sdxl") else ["clip_l"]
+        keys = encoder_keys(self.family) if self.family in ("sd1", "sd2", "sdxl") else ("clip_l",)
         self.text_encoders = [TextEncoder(k, m, t) for k, m, t in zip(keys, models, tokenizers)]
         for module in self._modules():
             module.requires_grad_(False)
@@ -258,35 +256,54 @@ class DiffusersHost:
             return torch.autocast("cuda", dtype=self.dtype)
         return contextlib.nullcontext()
 
-    # -- previews -------------------------------------------------------------------------------
+    # -- memory ---------------------------------------------------------------------------------
+    def recompute_blocks(self) -> list[torch.nn.Module]:
+        """Every res block and transformer block of the UNet: recomputing each alone keeps one block's
+        activations alive at a time during the backward pass."""
+        from diffusers.models.attention import BasicTransformerBlock
+        from diffusers.models.resnet import ResnetBlock2D
+
+        return [m for m in self.unet.modules() if isinstance(m, (ResnetBlock2D, BasicTransformerBlock))]
+
+    def free_memory(self) -> int | None:
+        return device_free_bytes(self.device)
+
+    # -- sampling -------------------------------------------------------------------------------
+    sample_batch = 128  # prompts per denoising batch (the toy world samples hundreds at a time)
+
     @torch.no_grad()
-    def sample_latents(self, prompt: str, words: dict[str, WordVectors], seed: int, steps: int = 20,
-                       size: int = 64, guidance: float = 5.0) -> torch.Tensor:
-        """DDIM sampling with classifier-free guidance; latents at `size` pixels."""
+    def sample(self, prompts: list[str], words: dict[str, WordVectors], seed: int = 0, steps: int = 20,
+               guidance: float = 5.0, size: int = 64) -> list:
+        """One PIL image per prompt: DDIM (Song et al. 2021) with classifier-free guidance (Ho & Salimans
+        2022); the initial noise of every prompt is drawn at once from `seed`."""
         from diffusers import DDIMScheduler
 
         scheduler = DDIMScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(steps)
-        cond = self.encode_text([prompt, ""], words)
-        channels = self.unet.config.in_channels
         side = size // self.vae_scale
         generator = torch.Generator().manual_seed(seed)
-        x = torch.randn(1, channels, side, side, generator=generator).to(self.device) * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            pair = torch.cat([x, x])
-            out = self.predict(scheduler.scale_model_input(pair, t), t.repeat(2), cond)
-            guided = out[1:] + guidance * (out[:1] - out[1:])
-            x = scheduler.step(guided, t, x).prev_sample
-        return x
+        noise = torch.randn(len(prompts), self.unet.config.in_channels, side, side, generator=generator)
+        images = []
+        for start in range(0, len(prompts), self.sample_batch):
+            chunk = list(prompts[start:start + self.sample_batch])
+            n = len(chunk)
+            cond = self.encode_text(chunk + [""] * n, words)
+            x = noise[start:start + n].to(self.device) * scheduler.init_noise_sigma
+            for t in scheduler.timesteps:
+                out = self.predict(scheduler.scale_model_input(torch.cat([x, x]), t), t.repeat(2 * n), cond)
+                guided = out[n:] + guidance * (out[:n] - out[n:])
+                x = scheduler.step(guided, t, x).prev_sample
+            images.extend(self._to_pil(x))
+        return images
 
-    @torch.no_grad()
-    def preview(self, prompt: str, words: dict[str, WordVectors], seed: int = 0, steps: int = 20, size: int = 64):
-        """A PIL image of `prompt` sampled with the given word vectors."""
+    def _to_pil(self, latents: torch.Tensor) -> list:
         from PIL import Image
 
-        latents = self.sample_latents(prompt, words, seed, steps, size)
-        if self.vae is not None:
-            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-            latents = self.vae.decode((latents / self.vae.config.scaling_factor + shift).to(self.dtype)).sample
-        pixels = ((latents[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(pixels)
+        out = []
+        for latent in latents.split(1):
+            if self.vae is not None:
+                shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+                latent = self.vae.decode((latent / self.vae.config.scaling_factor + shift).to(self.dtype)).sample
+            pixels = ((latent[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+            out.append(Image.fromarray(pixels))
+        return out

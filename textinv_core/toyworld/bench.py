@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from . import scene as world
 from .figures import image_grid, scatter
 from .metrics import Edit, editability, mean_and_spread, reconstruction
@@ -94,7 +95,7 @@ def inversion_config(cfg: QualityConfig, image_count: int, name: str, k: int = 1
         name=name, init_word=cfg.start_word(), num_vectors=k, steps=cfg.steps, learning_rate=cfg.learning_rate,
         scale_lr=False, batch_size=cfg.batch_size, resolution=world.SIZE, templates="captions",
         captions=[RECON_TEMPLATE] * image_count, seed=seed, flip=True, eval_every=25, eval_draws=cfg.eval_draws,
-        early_stop_patience=cfg.early_stop_patience, timestep_range=cfg.timestep_range,
+        early_stop_patience=cfg.early_stop_patience, timestep_range=cfg.timestep_range, preview_every=0,
     )
 
 
@@ -106,7 +107,10 @@ def invert(host, images, concept_seed: int, k: int, cfg: QualityConfig):
     loss alone picks, never the scorer. (Each run's own draws differ with its seed, so its own best
     loss is not comparable across runs.)
     """
-    from ..trainer import Trainer, train
+    from ..data import pixels_from_images
+    from ..evaluation import draws_for_run, evaluate
+    from ..objective import encode_latents
+    from ..trainer import train
 
     runs = []
     for restart in range(cfg.restarts):
@@ -116,13 +120,11 @@ def invert(host, images, concept_seed: int, k: int, cfg: QualityConfig):
                  runs[-1].best_step)
     if len(runs) == 1:
         return config.placeholder, runs[0]
-    judge = Trainer(host, images, inversion_config(cfg, len(images), PLACEHOLDER_NAME, k, seed=concept_seed))
-    losses = []
-    for result in runs:
-        with torch.no_grad():
-            for key, vectors in judge.vectors.items():
-                vectors.copy_(result.vectors[key].to(vectors.device))
-        losses.append(judge.evaluate())
+    judge = inversion_config(cfg, len(images), PLACEHOLDER_NAME, k, seed=concept_seed)
+    latents = encode_latents(host, pixels_from_images(images, judge.resolution))
+    draws = draws_for_run(judge, len(images), latents.shape[2:], host.num_timesteps)
+    losses = [evaluate(host, latents, draws, {judge.placeholder: result.vectors},
+                       batch_size=max(judge.batch_size, 4)) for result in runs]
     best = min(range(len(runs)), key=losses.__getitem__)
     log.info("k=%d: shared-draw losses %s; kept restart %d", k, ", ".join(f"{v:.4f}" for v in losses), best)
     return config.placeholder, runs[best]
@@ -300,10 +302,10 @@ def run_quality(args: argparse.Namespace) -> int:
     """Entry point for `textinv bench quality`: run, print the table, say where the figures are."""
     cfg = config_from_args(args)
     if cfg.samples < 1 or cfg.edit_samples < 1 or not cfg.seeds or not cfg.vectors or min(cfg.vectors) < 1:
-        raise ValueError("--samples, --edit-samples, --seeds and --vectors must each give at least one value "
+        raise UserError("--samples, --edit-samples, --seeds and --vectors must each give at least one value "
                          "(vector counts of 1 or more).")
     if cfg.steps < 1 or cfg.restarts < 1:
-        raise ValueError(f"--steps and --restarts must be at least 1 (got {cfg.steps} and {cfg.restarts}).")
+        raise UserError(f"--steps and --restarts must be at least 1 (got {cfg.steps} and {cfg.restarts}).")
     start = time.time()
     summary = run_benchmark(cfg)
     print(f"concept {args.concept}: {len(cfg.seeds)} seed(s) x {cfg.samples} reconstruction and "

@@ -23,6 +23,7 @@ def run_demo(out: Path, steps: int | None = None, concept: str = DEMO_CONCEPT, m
              samples: int = 16) -> dict:
     """Learn the concept, save the embedding and before_after.png in `out`, return the scores."""
     from ..embedding_file import save_embedding
+    from ..metadata import training_metadata
     from ..plots import loss_curve_image
     from ..trainer import train
     from .bench import QualityConfig, inversion_config
@@ -42,7 +43,7 @@ def run_demo(out: Path, steps: int | None = None, concept: str = DEMO_CONCEPT, m
     result = train(host, images, config)
     embedding = out / "toy-demo.safetensors"
     save_embedding(embedding, result.vectors, config.name, overwrite=True,
-                   metadata={"textinv.family": host.family, "textinv.steps": str(result.steps_run)})
+                   metadata=training_metadata(host.family, config, result))
     loss_curve_image(result.train_losses, result.eval_losses, title="toy-demo").save(out / "loss.png")
     before = sample(host, f"a photo of a {config.init_word}", count=samples, seed=1)
     after = sample(host, f"a photo of a {config.placeholder}", {config.placeholder: result.vectors},

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingFileError
 from .scene import SIZE
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights"  # package data, so a wheel install finds it too
@@ -79,5 +80,5 @@ def load_host(folder: str | Path | None = None):
 
     folder = Path(folder) if folder else DEFAULT_MODEL_DIR
     if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"No toy model at {folder}: run tools/train_toy_model.py to build it.")
+        raise MissingFileError(f"No toy model at {folder}: run tools/train_toy_model.py to build it.")
     return DiffusersHost.from_pretrained(folder, dtype=torch.float32)

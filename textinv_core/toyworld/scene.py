@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
+
 SIZE = 16  # pixels per side
 
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -85,7 +87,7 @@ def shape_mask(shape: str, half: float, dx: int = 0, dy: int = 0, size: int = SI
     if shape == "cross":
         arm = half / 3
         return ((np.abs(px) < half) & (np.abs(py) < arm)) | ((np.abs(py) < half) & (np.abs(px) < arm))
-    raise ValueError(f"Unknown shape {shape!r}: choose one of {', '.join(SHAPES)}.")
+    raise UserError(f"Unknown shape {shape!r}: choose one of {', '.join(SHAPES)}.")
 
 
 def stripe_mask(half: float, dy: int = 0, size: int = SIZE) -> np.ndarray:
@@ -112,7 +114,7 @@ def random_scene(rng: np.random.Generator, allow_held_out: bool = False, **fixed
     """A uniformly drawn scene; `fixed` pins attributes; held-out triples are redrawn unless allowed."""
     for key, value in fixed.items():
         if key not in ATTRIBUTES or value not in ATTRIBUTES[key]:
-            raise ValueError(f"Unknown attribute {key}={value!r}.")
+            raise UserError(f"Unknown attribute {key}={value!r}.")
     while True:
         values = {k: fixed.get(k) or str(options[rng.integers(len(options))]) for k, options in ATTRIBUTES.items()}
         dx, dy = (int(JITTER[i]) for i in rng.integers(len(JITTER), size=2))
@@ -171,13 +173,13 @@ def parse_concept(text: str) -> dict[str, str]:
         key, _, value = part.partition("=")
         key, value = key.strip().replace("color", "colour"), value.strip()
         if key not in CONCEPT_KEYS:
-            raise ValueError(f"Unknown concept key {key!r}: use {', '.join(CONCEPT_KEYS)}.")
+            raise UserError(f"Unknown concept key {key!r}: use {', '.join(CONCEPT_KEYS)}.")
         if value not in ATTRIBUTES[key]:
-            raise ValueError(f"Unknown {key} {value!r}: choose one of {', '.join(ATTRIBUTES[key])}.")
+            raise UserError(f"Unknown {key} {value!r}: choose one of {', '.join(ATTRIBUTES[key])}.")
         concept[key] = value
     missing = [k for k in CONCEPT_KEYS if k not in concept]
     if missing:
-        raise ValueError(f"The concept needs {', '.join(missing)}: e.g. shape=circle,colour=red,pattern=striped.")
+        raise UserError(f"The concept needs {', '.join(missing)}: e.g. shape=circle,colour=red,pattern=striped.")
     return concept
 
 

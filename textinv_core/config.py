@@ -1,0 +1,101 @@
+"""The settings of one training run, with their defaults: the one place the node, the CLI, the
+demo, the web-UI tab and the benchmarks read them from.
+
+Every field keeps the paper's meaning (Gal et al. 2023, §3 and §4.1); a comment says why a default
+is what it is. `validate` refuses, before any model loads, what would fail later or train nothing.
+Kept free of torch so front ends can import it cheaply.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from .errors import UserError
+
+PREVIEW_STEPS = 20       # sampling steps of a preview image
+PREVIEW_GUIDANCE = 5.0   # classifier-free guidance of a preview image
+
+
+class TrainingError(UserError):
+    """Training could not start or go on (bad settings, a NaN loss); the message says what to do."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters with the paper's meaning; defaults follow the paper scaled to one GPU."""
+
+    name: str
+    init_word: str = "object"          # coarse descriptor the vectors start from ("cat", "toy", ...)
+    num_vectors: int = 1               # k; the paper finds 1 enough for most concepts
+    steps: int = 500
+    learning_rate: float = 5e-3        # paper's base LR; multiplied by batch size when scale_lr
+    scale_lr: bool = True              # paper: LR = base x GPUs x batch
+    batch_size: int = 1
+    resolution: int = 512              # pixels; must be a multiple of the host's latent factor
+    templates: str = "object"          # "object" | "style" | "captions"
+    captions: list[str] | None = None  # one per image with "{}" for the word, when templates="captions"
+    seed: int = 0
+    flip: bool = True                  # random horizontal flip (paper)
+    weight_decay: float = 0.0          # AdamW decay on the new vectors only
+    init_pull: float = 0.0             # LDM code's L2 pull toward the init embedding (0 = off)
+    max_norm_ratio: float = 0.0        # cap ||v|| at this x the mean real-token norm (0 = off)
+    progressive_steps: tuple[int, ...] = ()  # steps at which one more vector joins (paper: 2000, 4000)
+    per_image_tokens: bool = False     # "a photo of S* with S_i": one extra, unsaved token per image
+    timestep_range: tuple[float, float] = (0.0, 1.0)  # share of the noise schedule drawn; high noise is where
+    #                                    the prompt decides what appears, low noise mostly fits pixel noise
+    eval_every: int = 50               # steps between evaluations on the fixed draws
+    eval_draws: int = 16               # fixed (image, noise, t) draws of the evaluation set
+    early_stop_patience: int = 0       # evaluations without improvement before stopping (0 = off)
+    early_stop_min_delta: float = 0.01  # relative improvement that counts
+    snapshot_every: int = 100          # steps between snapshots (an interrupt, a NaN and the end always keep one)
+    preview_every: int = 100           # steps between preview images (0 = off); each is one 20-step sampling
+    preview_prompt: str = ""           # "{}" marks the word; default: the evaluation template
+    memory: str = "auto"               # "fast": keep every activation for the backward pass; "low": recompute
+    #                                    them block by block (about a third more time per step, a fraction of
+    #                                    the memory); "auto": low only when a fast step would not fit the free memory
+
+    def validate(self, image_count: int) -> None:
+        from .embedding_file import validate_name
+
+        validate_name(self.name)
+        if self.steps <= 0:
+            raise TrainingError(f"steps must be at least 1 (got {self.steps}).")
+        if self.num_vectors < 1 or self.num_vectors > 75:
+            raise TrainingError(f"vectors must be between 1 and 75 (got {self.num_vectors}).")
+        if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
+            raise TrainingError(f"learning rate must be a positive number (got {self.learning_rate}).")
+        if self.batch_size < 1:
+            raise TrainingError(f"batch size must be at least 1 (got {self.batch_size}).")
+        if self.templates not in ("object", "style", "captions"):
+            raise TrainingError(f"templates must be object, style or captions (got {self.templates!r}).")
+        if self.templates == "captions" and (not self.captions or len(self.captions) != image_count):
+            got = len(self.captions or [])
+            raise TrainingError(
+                f"templates=captions needs one caption per image: {image_count} images, {got} captions."
+            )
+        if len(self.progressive_steps) >= self.num_vectors:
+            raise TrainingError("progressive steps add one vector each: vectors must exceed their count.")
+        low, high = self.timestep_range
+        if not 0.0 <= low < high <= 1.0:
+            raise TrainingError(f"timestep range must satisfy 0 <= low < high <= 1 (got {low}, {high}).")
+        if self.memory not in ("auto", "fast", "low"):
+            raise TrainingError(f"memory must be auto, fast or low (got {self.memory!r}).")
+        if self.per_image_tokens and self.templates == "captions":
+            raise TrainingError("per-image tokens work with the object or style templates, not captions.")
+
+    @property
+    def placeholder(self) -> str:
+        return f"<{self.name}>"
+
+    @property
+    def effective_lr(self) -> float:
+        return self.learning_rate * (self.batch_size if self.scale_lr else 1)
+
+
+def default(field_name: str):
+    """The default of one TrainConfig field, for front ends that show it (node widgets, CLI flags)."""
+    for item in fields(TrainConfig):
+        if item.name == field_name:
+            return item.default
+    raise KeyError(field_name)
