@@ -12,6 +12,11 @@ queue lock, as txt2img does):
   GET  /textinv/v1/status  the running or last job: step, losses, evaluations, preview, result
   POST /textinv/v1/load    JSON: path: check a word file against the loaded model and register it
 Interrupt: the web UI's own (the Interrupt button, POST /sdapi/v1/interrupt).
+
+The tab: images (a folder or uploads), name, init word, vectors, steps and the other settings with
+TrainConfig's own defaults; Train runs through the web UI's job machinery (wrap_gradio_gpu_call:
+its queue lock, its progress bar and live preview), Interrupt is the web UI's own interrupt, and
+javascript/textinv.js draws the loss chart and the latest preview from /textinv/v1/status.
 """
 
 from __future__ import annotations
@@ -86,4 +91,96 @@ def on_app_started(demo, app) -> None:
     app.add_api_route("/textinv/v1/load", load, methods=["POST"])
 
 
+def _tab_train(id_task, name, init_word, num_vectors, steps, folder, uploads, templates, resolution, learning_rate,
+               batch_size, seed, preview_every, overwrite):
+    """The tab's Train button: the same job as the route, inside the web UI's own job wrapper."""
+    import html
+
+    from modules import shared
+
+    user_error = _user_errors()
+    request = {"name": (name or "").strip(), "init_word": init_word, "num_vectors": int(num_vectors),
+               "steps": int(steps), "templates": templates, "resolution": int(resolution),
+               "learning_rate": float(learning_rate), "batch_size": int(batch_size), "seed": int(seed),
+               "preview_every": int(preview_every), "overwrite": bool(overwrite)}
+    files = [getattr(f, "name", f) for f in (uploads or [])]
+    if files:
+        import base64
+
+        request["images"] = [base64.b64encode(Path(f).read_bytes()).decode() for f in files]
+    else:
+        request["folder"] = (folder or "").strip()
+    try:
+        result = service().train_request(request, manage_state=False)
+    except user_error as error:
+        return "", f"<div class='error'>{html.escape(str(error))}</div>"
+    finally:
+        shared.state.textinfo = ""
+    if result["path"] is None:
+        done = (f"Interrupted at step {result['steps_run']}: nothing written to the embeddings folder; "
+                f"the last snapshot is {html.escape(str(result['snapshot']))}.")
+    else:
+        done = (f"Trained <b>{html.escape(result['name'])}</b> ({result['family']}, {result['steps_run']} steps, "
+                f"{result['stopped_reason']}): evaluation loss {result['init_eval_loss']:.4f} &rarr; "
+                f"{result['best_eval_loss']:.4f}. Saved to {html.escape(result['path'])}; type "
+                f"<code>{html.escape(result['name'])}</code> in a prompt.")
+    return "", f"<div class='textinv-done'>{done}</div>"
+
+
+def on_ui_tabs():
+    import gradio as gr
+    from modules import call_queue, shared
+
+    engine()
+    from textinv_core.config import default
+
+    with gr.Blocks(analytics_enabled=False) as tab:
+        with gr.Row(equal_height=False):
+            with gr.Column(elem_id="textinv_settings"):
+                name = gr.Textbox(label="Name (the word you will type)", placeholder="my-cat", elem_id="textinv_name")
+                init_word = gr.Textbox(label="Init word (what it is, coarsely)", value=default("init_word"),
+                                       elem_id="textinv_init_word")
+                with gr.Row():
+                    num_vectors = gr.Number(label="Vectors", value=default("num_vectors"), precision=0)
+                    steps = gr.Number(label="Steps", value=default("steps"), precision=0, elem_id="textinv_steps")
+                    templates = gr.Dropdown(label="Prompts", choices=["object", "style", "captions"],
+                                            value=default("templates"))
+                folder = gr.Textbox(label="Image folder (or upload below; captions: <image>.txt beside each)",
+                                    elem_id="textinv_folder")
+                uploads = gr.File(label="Images", file_count="multiple", file_types=["image"])
+                with gr.Accordion("More settings", open=False):
+                    with gr.Row():
+                        resolution = gr.Number(label="Resolution", value=default("resolution"), precision=0,
+                                               elem_id="textinv_resolution")
+                        learning_rate = gr.Number(label="Learning rate (per image in the batch)",
+                                                  value=default("learning_rate"))
+                        batch_size = gr.Number(label="Batch size", value=default("batch_size"), precision=0)
+                    with gr.Row():
+                        seed = gr.Number(label="Seed", value=default("seed"), precision=0)
+                        preview_every = gr.Number(label="Preview every (steps, 0 = off)",
+                                                  value=default("preview_every"), precision=0,
+                                                  elem_id="textinv_preview_every")
+                        overwrite = gr.Checkbox(label="Replace an existing word of that name", value=False)
+                with gr.Row():
+                    interrupt = gr.Button("Interrupt", elem_id="textinv_interrupt")
+                    train = gr.Button("Train", variant="primary", elem_id="textinv_train")
+            with gr.Column(elem_id="textinv_output_column"):
+                gr.HTML(elem_id="textinv_progress")
+                gr.HTML("<div id='textinv_chart'></div>")
+                gr.Gallery(label="Preview", show_label=False, elem_id="textinv_gallery")
+                output = gr.HTML(elem_id="textinv_output")
+                outcome = gr.HTML(elem_id="textinv_outcome")
+        dummy = gr.Label(visible=False)
+        inputs = [dummy, name, init_word, num_vectors, steps, folder, uploads, templates, resolution, learning_rate,
+                  batch_size, seed, preview_every, overwrite]
+        handler = call_queue.wrap_gradio_gpu_call(_tab_train, extra_outputs=[""])
+        try:
+            train.click(fn=handler, _js="textinv_start", inputs=inputs, outputs=[output, outcome])
+        except TypeError:  # Gradio 4 (Forge) names it js
+            train.click(fn=handler, js="textinv_start", inputs=inputs, outputs=[output, outcome])
+        interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
+    return [(tab, "textinv", "textinv")]
+
+
 script_callbacks.on_app_started(on_app_started)
+script_callbacks.on_ui_tabs(on_ui_tabs)

@@ -59,10 +59,10 @@ def stack_of(model) -> str:
 def host_for_loaded_model():
     from modules import shared
 
+    from ..host import HostError
+
     model = shared.sd_model
     if model is None:
-        from ..host import HostError
-
         raise HostError("No checkpoint is loaded in the web UI: load one, then train.")
     stack = stack_of(model)
     if stack == "forge":
@@ -70,9 +70,8 @@ def host_for_loaded_model():
 
         return ForgeHost(model)
     if stack == "reforge":
-        from .reforge import ReforgeHost
-
-        return ReforgeHost(model)
+        raise HostError("reForge's ldm_patched models are not supported yet: train in A1111 or Forge, or with "
+                        "ComfyUI's Train Embedding node; the word files load in reForge as they are.")
     from .a1111 import A1111Host
 
     return A1111Host(model)
@@ -182,8 +181,9 @@ class WebUIObserver(TrainingObserver):
         return bool(self.state.interrupted or getattr(self.state, "stopping_generation", False))
 
 
-def train_request(request: dict) -> dict:
-    """Train one word as `request` asks; the caller holds the web UI's queue lock."""
+def train_request(request: dict, manage_state: bool = True) -> dict:
+    """Train one word as `request` asks; the caller holds the web UI's queue lock. The tab's job
+    wrapper begins and ends the web UI's job itself (manage_state=False)."""
     from modules import shared
 
     from ..embedding_file import save_embedding, validate_name
@@ -209,7 +209,8 @@ def train_request(request: dict) -> dict:
         _status["job"] = {"name": name, "family": host.family, "step": 0, "total": config.steps, "losses": [],
                           "evals": [], "preview": None, "snapshot": None, "result": None, "error": None,
                           "started": time.time()}
-    state.begin(job="textinv")
+    if manage_state:
+        state.begin(job="textinv")
     state.job_count = 1
     state.sampling_steps = config.steps
     state.textinfo = f"textinv: training {name}"
@@ -233,7 +234,8 @@ def train_request(request: dict) -> dict:
         _update(error=str(error))
         raise
     finally:
-        state.end()
+        if manage_state:
+            state.end()
         with _status_lock:
             _status["running"] = False
 
