@@ -4,8 +4,14 @@ Nothing is loaded twice and nothing the graph shares is changed:
 - the MODEL and CLIP are cloned (ModelPatcher clones share the weights) and the clones are given
   identity weight wrappers. ComfyUI then casts a fresh copy of each weight in every forward
   (comfy/ops.py cast_bias_weight, copy=True when a wrapper exists), made outside inference mode,
-  so autograd can save it. ComfyUI loads weights under torch.inference_mode(), and inference tensors
-  cannot be saved for backward; the same route is used by ComfyUI's own TrainLoraNode.
+  so autograd accepts it. ComfyUI loads weights under torch.inference_mode(), and inference tensors
+  cannot be saved for backward (the check runs before any saved-tensor hook); ComfyUI's own
+  TrainLoraNode takes the same route.
+- no copy of a weight outlives its op (`_WeightsByReference`): during a training forward, saved-tensor
+  hooks replace each weight copy autograd would keep by a note of where it came from, and the
+  backward pass reads the module's own weight again (no copy when it already has the dtype and
+  device of the op, else one transient cast). So a step holds the weights once, not twice, in every
+  VRAM mode, a partly loaded model included.
 - the tokenizer is copied, never taught words in place: `CLIP.clone()` shares it, so a word taught
   in place would leak into every branch of the graph (see `tokenizer_with_words`).
 - comfy/clip_model.py CLIPLayer adds in place (`x += ...`); backward through it fails, so its
@@ -30,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,18 +173,173 @@ def _differentiable_clip():
         layer.forward = original
 
 
-def _identity(weight):
-    return weight
+class _WeightNote:
+    """A ComfyUI weight wrapper (`ModelPatcher.add_weight_wrapper`) that returns the weight unchanged.
+
+    Its presence makes ComfyUI cast a fresh, autograd-safe copy of the weight for each op. While a
+    training forward runs (`_WeightsByReference.active`), it detaches that copy (a word needs no
+    weight gradient) and notes which module's weight it is, so the saved-tensor hooks can keep a note
+    instead of the copy.
+    """
+
+    def __init__(self, owner: _WeightsByReference, patcher, module: torch.nn.Module, attr: str):
+        self.owner, self.patcher, self.module, self.attr = owner, patcher, module, attr
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        table = self.owner.table
+        if table is None:
+            return weight
+        # Detached: ComfyUI's UNet parameters require grad, so without this every backward pass would
+        # also compute each weight's gradient and accumulate it into the shared model's .grad.
+        weight = weight.detach()
+        if weight.layout == torch.strided:
+            table[weight.untyped_storage().data_ptr()] = (weakref.ref(weight), _WeightSource(self, weight))
+        return weight
+
+    def chain_before(self) -> list | None:
+        """The module's weight functions that ComfyUI applies before this note (e.g. a LoRA patch on a
+        partly loaded model); None when the note is no longer on the module."""
+        chain = getattr(self.module, f"{self.attr}_function", None) or []
+        for i, function in enumerate(chain):
+            if function is self:
+                return list(chain[:i])
+        return None
 
 
-def _wrap_weights(patcher) -> None:
-    """Identity wrappers on every weight/bias, so each forward uses a fresh autograd-safe copy."""
-    for name, module in patcher.model.named_modules():
-        if not hasattr(module, "weight_function"):
-            continue
-        for attr in ("weight", "bias"):
-            if getattr(module, attr, None) is not None:
-                patcher.add_weight_wrapper(f"{name}.{attr}" if name else attr, _identity)
+class _WeightSource:
+    """How to make again, in the backward pass, the weight copy one op of the forward pass used."""
+
+    __slots__ = ("note", "dtype", "device", "shape", "stride", "offset", "patches_uuid")
+
+    def __init__(self, note: _WeightNote, copy: torch.Tensor):
+        self.note = note
+        self.dtype, self.device, self.shape = copy.dtype, copy.device, copy.shape
+        self.stride, self.offset = copy.stride(), copy.storage_offset()
+        self.patches_uuid = getattr(note.patcher.model, "current_weight_patches_uuid", None)
+
+    def derive(self) -> torch.Tensor:
+        """A tensor laid out like the forward's copy with the same values: the module's own weight when
+        it already has the op's dtype and device (no copy), else a fresh cast the way ComfyUI casts."""
+        import comfy.model_management as mm
+
+        note = self.note
+        if getattr(note.patcher, "patches", None) and \
+                getattr(note.patcher.model, "current_weight_patches_uuid", None) != self.patches_uuid:
+            raise HostError("ComfyUI unloaded or re-patched the model in the middle of a training step, so "
+                            "the patched weights of the forward pass are gone: free memory for training, or "
+                            "start ComfyUI with --highvram.")
+        weight = getattr(note.module, note.attr)
+        before = note.chain_before() or []
+        if not before and weight.dtype == self.dtype and weight.device == self.device \
+                and weight.shape == self.shape and weight.stride() == self.stride:
+            note.owner.reads["in_place"] += 1
+            return weight
+        note.owner.reads["cast"] += 1
+        weight = mm.cast_to(weight, self.dtype, self.device, copy=True)
+        for function in before:
+            weight = function(weight)
+        if weight.stride() != self.stride:
+            weight = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device).copy_(weight)
+        return weight
+
+
+class _SavedWeight:
+    """What autograd keeps instead of a weight copy: the source and the saved view's layout."""
+
+    __slots__ = ("source", "size", "stride", "offset")
+
+    def __init__(self, source: _WeightSource, saved: torch.Tensor):
+        self.source, self.size, self.stride = source, saved.size(), saved.stride()
+        self.offset = saved.storage_offset() - source.offset
+
+    def unpack(self) -> torch.Tensor:
+        base = self.source.derive()
+        return base.as_strided(self.size, self.stride, base.storage_offset() + self.offset)
+
+
+class _Outer:
+    """A tensor packed by saved-tensor hooks that were active outside ours (e.g. a memory probe)."""
+
+    __slots__ = ("unpack_hook", "packed")
+
+    def __init__(self, unpack_hook, packed):
+        self.unpack_hook, self.packed = unpack_hook, packed
+
+
+def _outer_hooks():
+    """The saved-tensor hooks active before ours (None when none): ours pass every other tensor on."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top is not None else None
+
+
+class _WeightsByReference:
+    """Saved-tensor hooks that keep no copy of a weight for the backward pass.
+
+    ComfyUI's ops cast each weight for each op (see `_WeightNote`); autograd would keep every one of
+    those copies until the backward pass, a second copy of the UNet and text encoders per step. The
+    pack hook replaces a tensor that shares storage with a noted copy by a `_SavedWeight`, and the
+    unpack hook makes it again from the module's weight. Inside blocks that the engine recomputes
+    (non-reentrant checkpointing) checkpointing's own hooks are innermost and keep nothing anyway.
+    """
+
+    def __init__(self):
+        self.table: dict[int, tuple] | None = None  # storage address -> (weakref to copy, source)
+        self.notes: list[tuple[Any, _WeightNote]] = []
+        self.reads = {"in_place": 0, "cast": 0}  # how the backward passes got their weights (for tests)
+
+    def wrap(self, patcher) -> None:
+        """Give every weight and bias of `patcher`'s model a `_WeightNote` wrapper."""
+        for name, module in patcher.model.named_modules():
+            if not hasattr(module, "weight_function"):
+                continue
+            for attr in ("weight", "bias"):
+                if getattr(module, attr, None) is not None:
+                    note = _WeightNote(self, patcher, module, attr)
+                    patcher.add_weight_wrapper(f"{name}.{attr}" if name else attr, note)
+                    self.notes.append((module, note))
+
+    def unwrap(self) -> None:
+        """Take the wrappers off the shared modules now (ComfyUI would only on the next load)."""
+        for module, note in self.notes:
+            chain = getattr(module, f"{note.attr}_function", None)
+            if chain and any(f is note for f in chain):
+                setattr(module, f"{note.attr}_function", [f for f in chain if f is not note])
+        self.notes.clear()
+
+    def _pack(self, tensor: torch.Tensor, outer):
+        entry = None
+        if self.table and tensor.layout == torch.strided:
+            try:
+                entry = self.table.get(tensor.untyped_storage().data_ptr())
+            except (RuntimeError, NotImplementedError):  # a tensor without storage (subclasses)
+                entry = None
+        if entry is not None:
+            copy = entry[0]()
+            if copy is not None and copy.dtype == tensor.dtype:
+                return _SavedWeight(entry[1], tensor)
+        return _Outer(outer[1], outer[0](tensor)) if outer is not None else tensor
+
+    @staticmethod
+    def _unpack(packed):
+        if isinstance(packed, _SavedWeight):
+            return packed.unpack()
+        if isinstance(packed, _Outer):
+            return packed.unpack_hook(packed.packed)
+        return packed
+
+    @contextlib.contextmanager
+    def active(self):
+        """Within the block, autograd saves notes instead of weight copies (only when grad is on)."""
+        if self.table is not None or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            yield
+            return
+        outer = _outer_hooks()
+        self.table = {}
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(t, outer), self._unpack):
+                yield
+        finally:
+            self.table = None
 
 
 @dataclass
@@ -215,10 +377,11 @@ class ComfyHost:
         self.device = mm.get_torch_device()
         levels = len(base.model_config.unet_config.get("channel_mult", [1, 2, 4, 4]))
         self.pixel_multiple = 8 * 2 ** (levels - 1)  # VAE factor x UNet downsampling
+        self.by_reference = _WeightsByReference()
         self.patcher = model.clone()
-        _wrap_weights(self.patcher)
+        self.by_reference.wrap(self.patcher)
         self.clip = clip.clone()
-        _wrap_weights(self.clip.patcher)
+        self.by_reference.wrap(self.clip.patcher)
         self.vae = vae
         self.base = base
         self._tables: dict[str, torch.Tensor] = {}
@@ -230,7 +393,7 @@ class ComfyHost:
         self.close()
 
     def close(self) -> None:
-        """Unload this host's clones, so the wrappers leave the shared modules now."""
+        """Unload this host's clones and take its wrappers off the shared modules now."""
         import comfy.model_management as mm
 
         mine = {id(self.patcher), id(self.clip.patcher)}
@@ -239,6 +402,46 @@ class ComfyHost:
             if id(loaded.model) in mine:
                 loaded.model_unload()
                 mm.current_loaded_models.pop(i)
+        self.by_reference.unwrap()
+
+    # -- memory -------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Let ComfyUI place both clones on its device, in its VRAM mode (no-op when they are)."""
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([self.patcher, self.clip.patcher])
+
+    def free_memory(self) -> int | None:
+        """Bytes ComfyUI's model management reports free on its device once both clones are loaded."""
+        import comfy.model_management as mm
+
+        self.load()
+        return int(mm.get_free_memory(self.device))
+
+    def recompute_blocks(self) -> list[torch.nn.Module]:
+        """Every res block and transformer block of the UNet (as the diffusers host recomputes them).
+
+        Not the input/middle/output blocks themselves: ComfyUI's UNet runs those through
+        `forward_timestep_embed(block, ...)`, never `block(...)`, so a patched block forward would never
+        be called; their res and transformer blocks are called as modules.
+        """
+        from comfy.ldm.modules.attention import BasicTransformerBlock
+        from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+        unet = self.base.diffusion_model
+        blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+        return [m for block in blocks for m in block.modules() if isinstance(m, (ResBlock, BasicTransformerBlock))]
+
+    @property
+    def vram_state(self) -> str:
+        """ComfyUI's VRAM mode: 'HIGH_VRAM', 'NORMAL_VRAM', 'LOW_VRAM', 'NO_VRAM', 'DISABLED' (CPU), 'SHARED'."""
+        import comfy.model_management as mm
+
+        return mm.vram_state.name
+
+    def lower_vram_flag(self) -> str | None:
+        """The ComfyUI start flag that uses less device memory than the mode it runs in; None when none."""
+        return {"HIGH_VRAM": "--normalvram", "NORMAL_VRAM": "--lowvram", "LOW_VRAM": "--novram"}.get(self.vram_state)
 
     # -- text ---------------------------------------------------------------------------------
     def _table(self, key: str) -> torch.Tensor:
@@ -265,7 +468,7 @@ class ComfyHost:
     def encode_text(self, prompts: list[str], words: dict[str, WordVectors]) -> ComfyConditioning:
         tokenizer = tokenizer_with_words(self.clip.tokenizer, words) if words else self.clip.tokenizer
         encoded: dict[str, tuple] = {}  # each distinct prompt once (evaluation repeats one prompt)
-        with _differentiable_clip():
+        with _differentiable_clip(), self.by_reference.active():
             for prompt in dict.fromkeys(prompts):
                 tokens = tokenizer.tokenize_with_weights(prompt)
                 out = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
@@ -312,7 +515,7 @@ class ComfyHost:
         """The UNet's raw output (eps or v), as BaseModel._apply_model computes it before denoising."""
         import comfy.model_management as mm
 
-        mm.load_models_gpu([self.patcher])
+        self.load()
         base = self.base
         device = mm.get_torch_device()
         noisy = noisy.to(device)
@@ -322,31 +525,48 @@ class ComfyHost:
         t = self.sampling.timestep(sigma.view(-1)).float()
         extra = {k: v.to(device, dtype) for k, v in self._extra(cond, noisy).items()}
         context = cond.cross.to(device, dtype)
-        out = base.diffusion_model(xc, t, context=context, control=None, transformer_options={}, **extra)
+        with self.by_reference.active():
+            out = base.diffusion_model(xc, t, context=context, control=None, transformer_options={}, **extra)
         return out.float()
 
     def autocast(self):
         return contextlib.nullcontext()  # ComfyUI's ops already cast weights to the compute dtype
 
-    # -- previews -----------------------------------------------------------------------------
+    # -- sampling ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def preview(self, prompt: str, words: dict[str, WordVectors], seed: int = 0, steps: int = 20,
-                size: int = 512, cfg: float = 5.0):
-        """A PIL image of `prompt` sampled by ComfyUI's own sampler with the given word vectors."""
+    def sample(self, prompts: list[str], words: dict[str, WordVectors], seed: int = 0, steps: int = 20,
+               guidance: float = 5.0, size: int = 512) -> list:
+        """One PIL image per prompt from ComfyUI's own sampler (euler, normal schedule) with the given words.
+
+        The initial noise of all prompts is drawn at once from `seed` (comfy.sample.prepare_noise on the
+        whole batch); each prompt is then sampled on its slice, so its image does not depend on the
+        other prompts. SDXL gets the image size as its size conditioning, as CLIPTextEncodeSDXL does.
+        """
         import comfy.sample
-        from PIL import Image
 
         clip = with_words(self.clip, words)
-        conds = []
-        for text in (prompt, ""):
+        extra = {"width": size, "height": size, "target_width": size, "target_height": size} \
+            if self.family == "sdxl" else {}
+
+        def conditioning(text: str) -> list:
             out = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
-            cond = out.pop("cond")
-            conds.append([[cond, out]])
+            return [[out.pop("cond"), dict(out, **extra)]]
+
         side = size // 8
-        latent = torch.zeros(1, 4, side, side)
-        noise = comfy.sample.prepare_noise(latent, seed)
-        samples = comfy.sample.sample(self.patcher, noise, steps, cfg, "euler", "normal", conds[0], conds[1],
-                                      latent, seed=seed, disable_pbar=True)
-        pixels = self.vae.decode(samples)[0]
+        latent_channels = getattr(self.base.latent_format, "latent_channels", 4)
+        noise = comfy.sample.prepare_noise(torch.zeros(len(prompts), latent_channels, side, side), seed)
+        negative = conditioning("")
+        images = []
+        for i, prompt in enumerate(prompts):
+            latent = torch.zeros(1, latent_channels, side, side)
+            samples = comfy.sample.sample(self.patcher, noise[i:i + 1], steps, guidance, "euler", "normal",
+                                          conditioning(prompt), negative, latent, seed=seed, disable_pbar=True)
+            images.append(self._to_pil(self.vae.decode(samples)[0]))
+        return images
+
+    @staticmethod
+    def _to_pil(pixels: torch.Tensor):
+        from PIL import Image
+
         array = (pixels.float().clamp(0, 1).cpu().numpy() * 255).round().astype("uint8")
         return Image.fromarray(array.reshape(array.shape[-3], array.shape[-2], array.shape[-1]))
