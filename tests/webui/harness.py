@@ -252,10 +252,13 @@ class WebUIServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.ui} exited with {self.process.returncode}:\n{self.log()[-6000:]}")
             try:
-                self.get("/textinv/v1/status", timeout=5)
-                return
+                # 404 until on_app_started has run (the Gradio front end answers before it)
+                if self.request("GET", "/textinv/v1/status", timeout=5)[0] == 200:
+                    return
             except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(1.0)
+                pass
+            time.sleep(1.0)
+        self.stop()
         raise RuntimeError(f"{self.ui} did not answer /textinv/v1/status in {timeout} s:\n{self.log()[-6000:]}")
 
     def stop(self) -> None:

@@ -11,9 +11,10 @@ Differences from A1111 that shape this host (see shared WEBUI_NOTES.md):
 - `get_learned_conditioning` runs under torch.inference_mode(), so this host calls the engines
   itself and builds SDXL's crossattn/vector exactly as backend/diffusion_engine/sdxl.py does.
 - The models are built under inference mode: their weights are inference tensors, which autograd
-  cannot save. Training runs inside `autograd_through_inference_tensors` (webui_common.py).
+  cannot save. While training, the UNet's and text encoders' weights are plain copies with the same
+  values (`plain_weights`, webui_common.py); Forge's own tensors are put back afterwards.
 - Forge's UNet adds in place and its CPU attention exponentiates in place; on the word's gradient
-  path both are done out of place while training (webui_common.py, `_differentiable_attention`).
+  path both are done out of place while training (`autograd_friendly`, `_differentiable_attention`).
 - The engines print a line per used embedding and append its name to the infotext of the next
   image; both are kept quiet/undone while training.
 - Latents are the VAE posterior's mean through Forge's own process_in; `predict` calls the UNet
@@ -35,9 +36,10 @@ from ..families import ENCODER_WIDTHS
 from ..host import HostError, WordVectors
 from .webui_common import (
     DiscreteSchedule,
-    autograd_through_inference_tensors,
+    autograd_friendly,
     euler_sample,
     frozen_parameters,
+    plain_weights,
     reset_cond_cache,
     set_attributes,
 )
@@ -135,8 +137,8 @@ class ForgeHost:
     @contextlib.contextmanager
     def training(self):
         text = [engine.text_encoder for engine in self.engines.values()]
-        with frozen_parameters(self.unet, *text), _quiet_engines(), _differentiable_attention(), \
-                autograd_through_inference_tensors():
+        with frozen_parameters(self.unet, *text), plain_weights(self.unet, *text), _quiet_engines(), \
+                _differentiable_attention(), autograd_friendly():
             yield self
 
     def register_word(self, path: Path) -> None:
@@ -250,7 +252,7 @@ class ForgeHost:
         saved = self.size
         self.size = (size, size)
         try:
-            with autograd_through_inference_tensors(), _quiet_engines():
+            with _quiet_engines():
                 return euler_sample(self, prompts, words, seed, steps, guidance, size, self.schedule, self.decode)
         finally:
             self.size = saved

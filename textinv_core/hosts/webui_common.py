@@ -142,15 +142,13 @@ _OUT_OF_PLACE = {torch.Tensor.add_: torch.Tensor.add, torch.Tensor.sub_: torch.T
                  torch.Tensor.mul_: torch.Tensor.mul, torch.Tensor.div_: torch.Tensor.div}
 
 
-class _AutogradFriendly(TorchFunctionMode):
-    """Where an op's result needs a gradient: plain copies of inference-mode tensors (autograd cannot
-    save those), and augmented assignments (`x += y`) done out of place."""
+class _OutOfPlaceOnGradientPath(TorchFunctionMode):
+    """Augmented assignments (`x += y`) done out of place where the result needs a gradient."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if torch.is_grad_enabled() and _any_requires_grad(args, kwargs):
-            args, kwargs = _clone_inference((args, kwargs))
-            func = _OUT_OF_PLACE.get(func, func)
+        if func in _OUT_OF_PLACE and torch.is_grad_enabled() and _any_requires_grad(args, kwargs):
+            func = _OUT_OF_PLACE[func]
         return func(*args, **kwargs)
 
 
@@ -168,25 +166,39 @@ def _any_requires_grad(*values) -> bool:
     return False
 
 
-def _clone_inference(value):
-    if isinstance(value, torch.Tensor):
-        return value.clone() if value.is_inference() else value
-    if isinstance(value, tuple):
-        return tuple(_clone_inference(v) for v in value)
-    if isinstance(value, list):
-        return [_clone_inference(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _clone_inference(v) for k, v in value.items()}
-    return value
+@contextlib.contextmanager
+def plain_weights(*modules: torch.nn.Module) -> Iterator[None]:
+    """Forge builds its models under torch.inference_mode(), and autograd cannot save inference
+    tensors for the backward pass. For the duration of a run, each inference-mode parameter and
+    buffer of `modules` is replaced by a plain copy with the same values (frozen), and the web UI's
+    own tensors are put back afterwards, unchanged. This costs one copy of those weights while
+    training (measured: a per-op copy on demand held as much and fragmented memory far more)."""
+    swapped, copies = [], {}
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            for module in modules:
+                if module is None:
+                    continue
+                for sub in module.modules():
+                    for table in (sub._parameters, sub._buffers):
+                        for name, tensor in list(table.items()):
+                            if tensor is None or not tensor.is_inference():
+                                continue
+                            if id(tensor) not in copies:  # one copy for a tensor that two modules share
+                                copy = tensor.clone()
+                                copies[id(tensor)] = torch.nn.Parameter(copy, requires_grad=False) \
+                                    if isinstance(tensor, torch.nn.Parameter) else copy
+                            table[name] = copies[id(tensor)]
+                            swapped.append((table, name, tensor))
+        yield
+    finally:
+        for table, name, tensor in reversed(swapped):
+            table[name] = tensor
 
 
 @contextlib.contextmanager
-def autograd_through_inference_tensors() -> Iterator[None]:
-    """Forge builds its models under torch.inference_mode(), and inference tensors cannot be saved
-    for backward. Inside this block, an op whose result needs a gradient gets plain copies of the
-    inference tensors it reads; autograd keeps them until the backward pass (at most one copy of
-    the weights on the word's gradient path, as ComfyUI's per-forward weight casts cost), and the
-    model's own tensors are never touched. Forge's UNet also adds in place (`x += n`, as ComfyUI's
-    does), which would overwrite what autograd saved: on the gradient path those become new tensors."""
-    with torch.inference_mode(False), torch.enable_grad(), _AutogradFriendly():
+def autograd_friendly() -> Iterator[None]:
+    """Grad on, inference mode off, and (Forge's UNet adds in place, as ComfyUI's does, which would
+    overwrite what autograd saved) augmented assignments out of place on the gradient path."""
+    with torch.inference_mode(False), torch.enable_grad(), _OutOfPlaceOnGradientPath():
         yield

@@ -246,10 +246,19 @@ def load_word(path: str, overwrite: bool = False) -> dict:
     import shutil
 
     from ..embedding_file import EmbeddingFileError, load_embedding, validate_name, vectors_for_encoders
+    from ..families import FAMILY_NAMES, family_of_encoders
 
     source = Path(path)
     embedding = load_embedding(source)
     host = host_for_loaded_model()
+    keys = set(embedding.vectors) - {""}
+    if keys and keys != set(host.encoders):
+        # The web UIs skip such a file (a file's clip_l alone is not an SDXL word, nor is an SDXL word's
+        # clip_l an SD1 word), so it is refused here rather than registered to no effect.
+        theirs = FAMILY_NAMES.get(family_of_encoders(keys) or "", "+".join(sorted(keys)))
+        raise EmbeddingFileError(
+            f"Embedding '{embedding.name}' is a {theirs} word ({', '.join(sorted(keys))}) but the loaded model is "
+            f"{FAMILY_NAMES[host.family]} ({', '.join(host.encoders)}): it was trained for another model family.")
     vectors = vectors_for_encoders(embedding, host.encoders)
     name = validate_name(source.stem)
     target = embeddings_dir() / f"{name}{source.suffix}"
