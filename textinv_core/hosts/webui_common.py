@@ -172,7 +172,7 @@ def plain_weights(*modules: torch.nn.Module) -> Iterator[None]:
     tensors for the backward pass. For the duration of a run, each inference-mode parameter and
     buffer of `modules` is replaced by a plain copy with the same values (frozen), and the web UI's
     own tensors are put back afterwards, unchanged. This costs one copy of those weights while
-    training (measured: a per-op copy on demand held as much and fragmented memory far more)."""
+    training, as copying each weight on demand for autograd costs at the peak."""
     swapped, copies = [], {}
     try:
         with torch.inference_mode(False), torch.no_grad():
