@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from .memory import MemoryPlan, plan_memory
 from .objective import diffusion_loss, draw_batch, encode_latents, init_pull, project, timestep_bounds
 from .observer import TrainingObserver
 from .recompute import recomputed
-from .snapshots import check_resumable, read_resume, write_snapshot
+from .snapshots import STOPPED_BY_NAN, Rollback, load_state, write_snapshot
 from .templates import EVAL_TEMPLATE, IMAGE_TOKEN_SETS, TEMPLATE_SETS, fill_caption
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingError", "TrainingObserver", "spread_init", "train"]
@@ -183,23 +183,24 @@ class Trainer:
         if not self.eval_losses:
             self._record_eval()
         reason = "completed"
+        rollback = Rollback()
         while self.step < cfg.steps:
             if self.observer.should_stop():
                 reason = "cancelled"
                 self.snapshot()
                 break
+            rollback.keep(self)
             try:
                 loss = self.train_step()
+            except KeyboardInterrupt:  # Ctrl-C mid-step: back to the state before it, saved, then stop
+                rollback.restore(self)
+                self.snapshot()
+                raise
             except (OUT_OF_MEMORY, RuntimeError) as error:
                 _advise_on_memory(error, self.memory)
                 raise
             if not math.isfinite(loss):
-                saved = self.snapshot()
-                where = f"the last good state is saved at {saved}" if saved else "no snapshot was kept"
-                raise TrainingError(
-                    f"The loss became {loss} at step {self.step + 1}; training stopped and {where}. "
-                    "Lower the learning rate, or train in fp32."
-                )
+                self._stop_on_nan(loss, rollback)
             self.observer.on_step(self.step, cfg.steps, loss)
             stop_early = False
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
@@ -220,6 +221,18 @@ class Trainer:
             eval_losses=list(self.eval_losses),
             snapshot_path=self.last_snapshot,
         )
+
+    def _stop_on_nan(self, loss: float, rollback: Rollback) -> None:
+        """The vectors that gave a non-finite loss came from the update before: go back one more step, to
+        the last vectors that gave a finite loss, save them, and say how to go on."""
+        failed_at = self.step + 1
+        rollback.restore(self, updates=2)  # before the update that produced the failing vectors
+        saved = self.snapshot(stopped=STOPPED_BY_NAN)
+        where = (f"the last good state (step {self.step}) is saved in {saved.parent}: resume from it with a "
+                 f"learning rate below {self.config.learning_rate:g}, the one change a resume after a NaN allows"
+                 if saved else "no snapshot folder was given, so nothing was saved")
+        raise TrainingError(f"The loss became {loss} at step {failed_at}; training stopped and {where}. "
+                            "Training in fp32 also avoids overflow.")
 
     def _record_eval(self) -> bool:
         """Evaluate, keep the best vectors, and say whether early stopping has triggered."""
@@ -246,55 +259,17 @@ class Trainer:
         return image
 
     # -- snapshots and resume ------------------------------------------------------------------
-    def snapshot(self) -> Path | None:
+    def snapshot(self, stopped: str = "") -> Path | None:
         """A loadable embedding of the current vectors plus the state to resume from, both atomic."""
         if self.snapshot_dir is None:
             return None
-        vectors = {k: v.detach() for k, v in self.vectors.items()}
-        self.last_snapshot = write_snapshot(self.snapshot_dir, self.config.name, self.step, vectors,
-                                            getattr(self.host, "family", ""), self.state_tensors(), self.state_meta())
+        self.last_snapshot = write_snapshot(self, self.snapshot_dir, stopped)
         self.observer.on_snapshot(self.step, self.last_snapshot)
         return self.last_snapshot
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        state: dict[str, torch.Tensor] = {"rng": self.generator.get_state()}
-        for key, v in self.vectors.items():
-            state[f"vectors.{key}"] = v.detach().cpu().contiguous()
-            state[f"best.{key}"] = self.best.vectors[key].cpu().contiguous()
-        for key, v in self.image_vectors.items():
-            state[f"image_vectors.{key}"] = v.detach().cpu().contiguous()
-        for i, param in enumerate(self.optimizer.param_groups[0]["params"]):
-            for slot, value in self.optimizer.state.get(param, {}).items():
-                state[f"optim.{i}.{slot}"] = value.detach().cpu().contiguous().reshape(value.shape)
-        return state
-
-    def state_meta(self) -> dict:
-        best = self.best
-        return {"step": self.step, "config": asdict(self.config), "fingerprint": self.fingerprint,
-                "train_losses": self.train_losses, "eval_losses": self.eval_losses,
-                "best_loss": best.loss if math.isfinite(best.loss) else None, "best_step": best.step,
-                "stale_evals": best.stale}
-
     def load_state(self, path: str | Path) -> None:
         """Continue from the resume state written by `snapshot` for the same images and settings."""
-        meta, state = read_resume(path, self.config.name)
-        check_resumable(meta, self.config, self.fingerprint)
-        with torch.no_grad():
-            for key, v in self.vectors.items():
-                v.copy_(state[f"vectors.{key}"].to(v.device))
-            for key, v in self.image_vectors.items():
-                v.copy_(state[f"image_vectors.{key}"].to(v.device))
-        for i, param in enumerate(self.optimizer.param_groups[0]["params"]):
-            slots = {k.split(".", 2)[2]: t for k, t in state.items() if k.startswith(f"optim.{i}.")}
-            if slots:
-                self.optimizer.state[param] = {s: t.to(param.device) if s != "step" else t for s, t in slots.items()}
-        self.generator.set_state(state["rng"])
-        self.step = meta["step"]
-        self.train_losses = list(meta["train_losses"])
-        self.eval_losses = [tuple(e) for e in meta["eval_losses"]]
-        self.best.loss = meta["best_loss"] if meta["best_loss"] is not None else math.inf
-        self.best.step, self.best.stale = meta["best_step"], meta["stale_evals"]
-        self.best.vectors = {k: state[f"best.{k}"].to(self.host.device) for k in self.vectors}
+        load_state(self, path)
 
 
 def _advise_on_memory(error: BaseException, plan: MemoryPlan) -> None:
