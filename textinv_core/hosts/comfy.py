@@ -177,22 +177,22 @@ class _WeightNote:
     """A ComfyUI weight wrapper (`ModelPatcher.add_weight_wrapper`) that returns the weight unchanged.
 
     Its presence makes ComfyUI cast a fresh, autograd-safe copy of the weight for each op. While a
-    training forward runs (`_WeightsByReference.active`), it detaches that copy (a word needs no
-    weight gradient) and notes which module's weight it is, so the saved-tensor hooks can keep a note
-    instead of the copy.
+    training forward runs (`_WeightsByReference.active`), it also notes which module's weight that
+    copy is, so the saved-tensor hooks can keep a note instead of the copy. With grad on, it detaches
+    the copy: a word needs no weight gradient.
     """
 
     def __init__(self, owner: _WeightsByReference, patcher, module: torch.nn.Module, attr: str):
         self.owner, self.patcher, self.module, self.attr = owner, patcher, module, attr
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            # Detached: ComfyUI's UNet parameters require grad, so without this every backward pass
+            # would also compute each weight's gradient into the shared model's .grad. Always, not
+            # only in `active`: a recomputed block must save the same tensors as its first forward.
+            weight = weight.detach()
         table = self.owner.table
-        if table is None:
-            return weight
-        # Detached: ComfyUI's UNet parameters require grad, so without this every backward pass would
-        # also compute each weight's gradient and accumulate it into the shared model's .grad.
-        weight = weight.detach()
-        if weight.layout == torch.strided:
+        if table is not None and weight.layout == torch.strided:
             table[weight.untyped_storage().data_ptr()] = (weakref.ref(weight), _WeightSource(self, weight))
         return weight
 
