@@ -49,7 +49,7 @@ def page(browser_server):
         errors: list[str] = []
         tab.on("pageerror", lambda error: errors.append(f"{error}\n{error.stack}")
                if "textinv" in (error.stack or "") else None)
-        tab.goto(browser_server.url, timeout=300_000)
+        tab.goto(browser_server.url, wait_until="domcontentloaded", timeout=300_000)  # "load" waits on fonts offline
         tab.wait_for_selector("#tabs", timeout=300_000)
         tab.textinv_errors = errors
         yield tab
@@ -60,16 +60,19 @@ def test_the_tab_trains_with_progress_chart_and_preview(page, browser_server, ui
     page.get_by_role("button", name="textinv", exact=True).click()
     page.fill("#textinv_name textarea, #textinv_name input", f"browser-{ui}")
     page.fill("#textinv_init_word textarea, #textinv_init_word input", "disc")
-    page.fill("#textinv_steps input", "60")
+    page.fill("#textinv_steps input", "400")
     page.fill("#textinv_folder textarea, #textinv_folder input", str(browser_server.images))
     page.get_by_text("More settings").click()
     page.fill("#textinv_resolution input", "64")
     page.fill("#textinv_preview_every input", "4")
     page.click("#textinv_train")
-    # The web UI's own progress bar, then the loss chart and a preview from /textinv/v1/status.
-    page.wait_for_selector("#textinv_progress .progressDiv, #textinv_progress .progress", timeout=300_000)
+    # The web UI's own progress bar (requestProgress puts it just before #textinv_progress), then the
+    # loss chart and a preview from /textinv/v1/status.
+    page.wait_for_selector("#textinv_output_column .progressDiv .progress", timeout=300_000)
     page.wait_for_selector("#textinv_chart svg.textinv-loss", timeout=300_000)
     page.wait_for_selector("#textinv_chart img.textinv-preview", timeout=300_000)
+    page.wait_for_function("document.querySelector('#textinv_output_column .progressDiv .progress')"
+                           ".innerText.includes('%')", timeout=300_000)
     shot = browser_server.root / "textinv-tab.png"
     page.screenshot(path=str(shot), full_page=False)
     if os.environ.get("TEXTINV_WRITE_DOCS") == "1" and ui == "a1111":
