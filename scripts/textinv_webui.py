@@ -170,7 +170,7 @@ def on_ui_tabs():
                 gr.Gallery(label="Preview", show_label=False, elem_id="textinv_gallery")
                 output = gr.HTML(elem_id="textinv_output")
                 outcome = gr.HTML(elem_id="textinv_outcome")
-        dummy = gr.Label(visible=False)
+        dummy = gr.Textbox(visible=False)  # carries the task id (a Label breaks under Gradio 4)
         inputs = [dummy, name, init_word, num_vectors, steps, folder, uploads, templates, resolution, learning_rate,
                   batch_size, seed, preview_every, overwrite]
         handler = call_queue.wrap_gradio_gpu_call(_tab_train, extra_outputs=[""])

@@ -235,7 +235,9 @@ class WebUIServer:
                "--no-download-sd-model", "--port", str(self.port), "--data-dir", str(self.data), "--ckpt",
                str(self.checkpoint), "--ckpt-dir", str(self.ckpt_dir), "--embeddings-dir", str(self.embeddings),
                "--api"]
-        cmd += [] if self.browser else ["--nowebui"]
+        # With --data-dir elsewhere, Gradio 4 (Forge) only serves files under the data dir: the web UI's own
+        # javascript/ would be refused (403), so its folder is allowed explicitly.
+        cmd += ["--gradio-allowed-path", str(self.webui)] if self.browser else ["--nowebui"]
         if self.ui == "a1111":
             cmd += ["--use-cpu", "all", "--no-half", "--no-half-vae", "--precision", "full"]
         else:

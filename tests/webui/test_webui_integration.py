@@ -73,6 +73,7 @@ def test_training_writes_the_word_and_leaves_the_model_as_it_was(server, checkpo
     steps = 2 if family == "sdxl" else 4
     before = server.txt2img(PROMPT, steps=steps)
     name = word_name(ui, family)
+    literal = server.txt2img(f"a photo of {name} on a table", steps=steps)  # the name as plain text
     status, result = server.post("/textinv/v1/train", dict(TRAIN, name=name,
                                                              images=[png_b64(i) for i in training_images()]))
     assert status == 200, result
@@ -83,8 +84,9 @@ def test_training_writes_the_word_and_leaves_the_model_as_it_was(server, checkpo
     vectors = load_file(str(path))
     assert set(vectors) == FAMILY_KEYS[family]
     # The word is registered at once: the next txt2img can use it.
-    server.results[family] = {"with_word": server.txt2img(f"a photo of {name} on a table", steps=steps),
-                              "steps": steps}
+    with_word = server.txt2img(f"a photo of {name} on a table", steps=steps)
+    assert with_word != literal, "the same prompt gives the same image with the word registered: it is not used"
+    server.results[family] = {"with_word": with_word, "steps": steps}
     assert server.txt2img(PROMPT, steps=steps) == before, "a prompt without the word changed: something leaked"
 
 

@@ -57,10 +57,12 @@ def stack_of(model) -> str:
 
 
 def host_for_loaded_model():
-    from modules import shared
+    from modules import sd_models, shared
 
     from ..host import HostError
 
+    if hasattr(sd_models, "forge_model_reload"):
+        sd_models.forge_model_reload()  # Forge loads the selected checkpoint lazily, at the first job
     model = shared.sd_model
     if model is None:
         raise HostError("No checkpoint is loaded in the web UI: load one, then train.")
