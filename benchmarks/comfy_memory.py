@@ -119,7 +119,8 @@ def measure(family: str, resolution: int, precision: str, memory: str, *, by_ref
     """One training step (memory 'fast' or 'low') and one sampling step of the ComfyUI host, in a fresh
     ComfyUI process. Bytes and seconds; `*_peak` are peaks of the device's memory (RSS on CPU).
 
-    by_reference=False reproduces the host before issue 10 (autograd keeps ComfyUI's weight copies);
+    by_reference=False keeps ComfyUI's weight copies for backward, as the host did before issue 10
+    (which also computed weight gradients; those are gone in both routes now);
     device 'cpu' adds --cpu (None: ComfyUI's own choice); vram_flag e.g. '--lowvram' is passed through.
     """
     if memory not in ("fast", "low"):
