@@ -465,6 +465,18 @@ class ComfyHost:
     def token_table_stats(self) -> dict[str, float]:
         return {key: float(self._table(key).norm(dim=1).mean()) for key in self.encoders}
 
+    def token_table(self, key: str) -> torch.Tensor:
+        """The frozen token-embedding table of encoder `key` (an fp32 CPU copy: the model's is never written)."""
+        return self._table(key)
+
+    def token_strings(self) -> list[str]:
+        """Each token id's text ('</w>' dropped, special tokens ''), from the tokenizer the encoders share."""
+        key = sorted(self.encoders)[0]
+        tokenizer = inner_tokenizers(self.clip.tokenizer)[key][1].tokenizer  # transformers' CLIPTokenizer
+        special = set(tokenizer.all_special_ids)
+        tokens = tokenizer.convert_ids_to_tokens(list(range(self._table(key).shape[0])))
+        return ["" if i in special or t is None else t.replace("</w>", "") for i, t in enumerate(tokens)]
+
     def encode_text(self, prompts: list[str], words: dict[str, WordVectors]) -> ComfyConditioning:
         tokenizer = tokenizer_with_words(self.clip.tokenizer, words) if words else self.clip.tokenizer
         encoded: dict[str, tuple] = {}  # each distinct prompt once (evaluation repeats one prompt)
