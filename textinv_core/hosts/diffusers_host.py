@@ -17,13 +17,30 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..families import encoder_keys
 from ..host import HostError, WordVectors
 from ..memory import device_free_bytes
+from ..model_files import check_model_path
 
 log = logging.getLogger(__name__)
 MAX_TOKENS = 77
 SLOT_ID = 0  # any id but EOS: pooled outputs locate EOS with argmax(input_ids == eos)
+
+
+def _part(folder: Path, name: str, from_pretrained):
+    """One component of a diffusers folder; a file the loader cannot read is one error naming it."""
+    try:
+        return from_pretrained(folder, subfolder=name, local_files_only=True)
+    except UserError:
+        raise
+    except Exception as error:  # the loaders raise OSError, ValueError, RuntimeError, their own errors...
+        text = str(error)
+        if isinstance(error, MemoryError) or "allocate" in text or "out of memory" in text.lower():
+            raise
+        first = text.splitlines()[0] if text else type(error).__name__
+        raise HostError(f"The {name} in {folder / name} cannot be loaded ({type(error).__name__}: {first}): the "
+                        "folder is incomplete or damaged; download the model again.") from error
 
 
 @dataclass
@@ -101,25 +118,22 @@ class DiffusersHost:
         from ..tokenizer import clip_tokenizer
 
         folder = Path(folder)
-        index_file = folder / "model_index.json"
-        if not index_file.is_file():
-            raise HostError(f"{folder} has no model_index.json: it is not a diffusers model folder.")
-        index = json.loads(index_file.read_text())
+        check_model_path(folder)  # model_index.json, component folders, configs, complete weight files
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
         parts: dict = {
-            "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True),
-            "scheduler": DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True),
+            "unet": _part(folder, "unet", UNet2DConditionModel.from_pretrained),
+            "scheduler": _part(folder, "scheduler", DDPMScheduler.from_pretrained),
         }
         if (folder / "vae").is_dir():
-            parts["vae"] = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+            parts["vae"] = _part(folder, "vae", AutoencoderKL.from_pretrained)
         for suffix, model_cls in (("", CLIPTextModel), ("_2", CLIPTextModelWithProjection)):
-            if f"text_encoder{suffix}" not in index or not (folder / f"text_encoder{suffix}").is_dir():
+            name = f"text_encoder{suffix}"
+            if name not in index or not (folder / name).is_dir():
                 continue
-            parts[f"text_encoder{suffix}"] = model_cls.from_pretrained(
-                folder, subfolder=f"text_encoder{suffix}", local_files_only=True
-            )
+            parts[name] = _part(folder, name, model_cls.from_pretrained)
             tok_dir = folder / f"tokenizer{suffix}"
             parts[f"tokenizer{suffix}"] = (
-                CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+                _part(folder, f"tokenizer{suffix}", CLIPTokenizer.from_pretrained)
                 if tok_dir.is_dir() else clip_tokenizer("!" if suffix else "<|endoftext|>")
             )
         if "text_encoder" not in parts:
