@@ -2,11 +2,14 @@
 
 Handles folders and file lists, EXIF rotation, RGBA/LA/P (composited on white), grayscale,
 16-bit and float images, mixed sizes (shorter side resized, then centre crop), and ComfyUI IMAGE
-tensors [B, H, W, C] in [0, 1]. Unreadable inputs fail with one error that names the file.
+tensors [B, H, W, C] in [0, 1]. Nothing is skipped without a word: an unreadable image, a file in an
+image folder that is no image, or one past PIL's decompression-bomb limit fails with one error that
+names the file. Caption files (`<image>.txt`) are read here too, as UTF-8.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,7 +19,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+# Files that may sit beside images in a folder and are not meant as images (captions, tool metadata).
+COMPANION_SUFFIXES = {".txt", ".caption", ".json", ".yaml", ".yml", ".toml", ".md", ".csv", ".ini", ".npz", ".npy",
+                      ".safetensors", ".pt", ".db"}
 
 
 class DataError(UserError):
@@ -24,14 +30,20 @@ class DataError(UserError):
 
 
 def find_image_files(sources: Iterable[str | Path]) -> list[Path]:
-    """Expand folders (sorted, images only) and check that files exist; no images is an error."""
+    """Expand folders (sorted) and check that files exist; no images is an error.
+
+    In a folder, sub-folders, hidden files and caption/metadata files are passed over; any other file
+    must be an image PIL can identify, or it is an error naming it (never silently skipped).
+    """
     files: list[Path] = []
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+            files.extend(_folder_images(path))
         elif path.is_file():
             files.append(path)
+        elif path.is_symlink():
+            raise DataError(f"Image path {path} is a link to a file that does not exist: fix or remove the link.")
         else:
             raise DataError(f"Image path {path} does not exist: give a folder of images or image files.")
     if not files:
@@ -39,17 +51,78 @@ def find_image_files(sources: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def _folder_images(folder: Path) -> list[Path]:
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as error:
+        raise DataError(f"Image folder {folder} cannot be listed ({error.strerror or error}).") from error
+    found = []
+    for path in entries:
+        if path.name.startswith(".") or path.is_dir():
+            continue
+        suffix = path.suffix.lower()
+        if suffix in COMPANION_SUFFIXES:
+            continue
+        if not path.is_file():
+            raise DataError(f"{path} in the image folder is a broken link or not a regular file: remove it.")
+        if suffix in IMAGE_SUFFIXES or _is_image(path):
+            found.append(path)
+            continue
+        raise DataError(f"{path} in the image folder is not an image that can be read: convert it to PNG or "
+                        "JPEG, or move it out of the folder.")
+    return found
+
+
+def _is_image(path: Path) -> bool:
+    """Whether PIL recognises the file's header (any format PIL reads, whatever its suffix)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path):
+                return True
+    except Image.DecompressionBombError:
+        return True  # an image: open_image names the limit
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+
+
 def open_image(path: Path) -> Image.Image:
     """Open, apply EXIF orientation, and convert to 8-bit RGB."""
-    if path.stat().st_size == 0:
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise DataError(f"Image {path} cannot be read ({error.strerror or error}).") from error
+    if size == 0:
         raise DataError(f"Image {path} is empty (0 bytes): remove it or replace it with a real image.")
     try:
-        with Image.open(path) as handle:
-            handle.load()
-            image = ImageOps.exif_transpose(handle)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb is refused, not half-loaded
+            with Image.open(path) as handle:
+                handle.load()
+                image = ImageOps.exif_transpose(handle)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        limit = f"{Image.MAX_IMAGE_PIXELS:,}" if Image.MAX_IMAGE_PIXELS else "PIL's"
+        raise DataError(f"Image {path} is larger than the limit of {limit} pixels that guards against "
+                        f"decompression bombs ({error}): scale it down before training.") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DataError(f"Image {path} cannot be read ({error}): remove it or re-save it as PNG/JPEG.") from error
     return to_rgb(image)
+
+
+def read_caption(image_path: Path) -> str:
+    """The caption of one image from `<image>.txt` beside it, which must exist and be UTF-8 text."""
+    caption = Path(image_path).with_suffix(".txt")
+    if not caption.is_file():
+        raise DataError(f"Captions need {caption} beside {Path(image_path).name}: write one caption per image, "
+                        "with {} where the word goes.")
+    try:
+        return caption.read_text(encoding="utf-8-sig").strip()
+    except UnicodeDecodeError as error:
+        raise DataError(f"Caption file {caption} is not UTF-8 text (byte {error.start}): re-save it as UTF-8."
+                        ) from error
+    except OSError as error:
+        raise DataError(f"Caption file {caption} cannot be read ({error.strerror or error}).") from error
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

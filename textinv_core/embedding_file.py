@@ -2,17 +2,22 @@
 
 Written: SD1/SD2 `{"emb_params": [k, d]}` safetensors, SDXL `{"clip_l", "clip_g"}` safetensors,
 A1111 `.pt` (`string_to_param`) and diffusers `{token: tensor}` on request.
-Read: all of those plus OneTrainer's `emp_params`. Writes are atomic (temporary file in the same
-folder, then rename) and never replace an existing file unless asked.
+Read: all of those plus OneTrainer's `emp_params`; a file whose vectors are not all finite is refused.
+Writes are atomic (temporary file in the same folder, created with the user's umask, then rename), never
+replace an existing file unless asked, and a write the disk refuses (full, read-only) is one
+`OutputWriteError` that leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
 import re
-import tempfile
+import secrets
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +33,15 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,99}$")
 
 class EmbeddingFileError(UserError):
     """A pseudo-word file that cannot be read, or cannot be used with the model at hand."""
+
+
+class OutputWriteError(EmbeddingFileError):
+    """A file could not be written (disk full, read-only or missing folder); nothing was left behind."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"Could not write {path}: {reason}. Nothing was written; free some space or choose a "
+                         "writable folder, then try again.")
 
 
 @dataclass
@@ -132,25 +146,85 @@ def save_embedding(
     meta = {"textinv.name": name, "textinv.vectors": str(next(iter(vectors.values())).shape[0])}
     meta.update(metadata or {})
     clean = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in vectors.items()}
+    if not all(torch.isfinite(v).all() for v in clean.values()):
+        raise EmbeddingFileError(f"The vectors of '{name}' hold non-finite values (NaN or infinity): {path} was "
+                                 "not written, as no model could use it.")
     meta["textinv.hash"] = vectors_hash(clean)
     check_format(fmt, len(vectors), path)
     layout = file_layout(clean, fmt, name, meta)
     pickled = "string_to_param" in layout
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         if pickled:
-            torch.save(layout, tmp_name)
+            torch.save(layout, tmp)
         else:
             from safetensors.torch import save_file
 
-            save_file(layout, tmp_name, metadata=meta)
-        _commit(Path(tmp_name), path, overwrite)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+            save_file(layout, tmp, metadata=meta)
+
+    atomic_write(path, write, overwrite)
     return path
+
+
+def atomic_write(path: Path, write: Callable[[str], None], overwrite: bool) -> None:
+    """`write(tmp)` fills a temporary file beside `path`, which is then renamed into place.
+
+    The file gets mode 0666 minus the umask, as an ordinary file would (mkstemp, and safetensors' own
+    atomic write, would give 0600). Whatever fails, no temporary file stays; a failure of the disk or the folder
+    (full, read-only, gone) is one OutputWriteError naming the file and the reason.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_temp_file(path)
+        mode = os.stat(tmp).st_mode & 0o777  # 0666 less the umask, as the kernel applied it
+        write(str(tmp))
+        os.chmod(tmp, mode)  # writers that replace the file themselves (safetensors >= 0.7) leave it 0600
+        _commit(tmp, path, overwrite)
+    except UserError:
+        raise
+    except Exception as error:
+        reason = write_failure(error, path.parent)
+        if reason is None:
+            raise
+        raise OutputWriteError(path, reason) from error
+    finally:
+        if tmp is not None and os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def _new_temp_file(path: Path) -> Path:
+    """An empty, new file `.<name>.<random>.tmp` beside `path`, created with the umask's mode."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def write_failure(error: BaseException, folder: Path) -> str | None:
+    """Why writing into `folder` failed, in words, when the disk or folder is to blame; None for anything else.
+
+    Writers report a full disk differently: OSError (errno), safetensors' SafetensorError ('os error 28')
+    and torch.save's RuntimeError ('unexpected pos'), which names no cause, so the free space decides.
+    """
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    text = str(error)
+    found = re.search(r"os error (\d+)", text)
+    if found:
+        return os.strerror(int(found.group(1)))
+    if type(error).__name__ == "SafetensorError" or "inline_container" in text or "PytorchStreamWriter" in text:
+        try:
+            if shutil.disk_usage(folder).free < 1 << 20:
+                return os.strerror(errno.ENOSPC)
+        except OSError:
+            pass
+        return f"the writer failed ({text.splitlines()[0] if text else type(error).__name__})"
+    return None
 
 
 def _commit(tmp: Path, path: Path, overwrite: bool) -> None:
@@ -162,9 +236,11 @@ def _commit(tmp: Path, path: Path, overwrite: bool) -> None:
         os.link(tmp, path)
     except FileExistsError:
         raise OutputExistsError(f"{path} already exists: choose another name or allow overwriting.") from None
-    except OSError:  # file systems without hard links
+    except OSError as error:  # file systems without hard links
         if path.exists():
             raise OutputExistsError(f"{path} already exists: choose another name or allow overwriting.") from None
+        if error.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            raise
         os.replace(tmp, path)
 
 
@@ -196,6 +272,12 @@ def load_embedding(path: str | os.PathLike) -> EmbeddingFile:
         except Exception as error:
             raise EmbeddingFileError(f"{path} is not a readable embedding file ({error}).") from error
     vectors, fmt = _vectors_from_layout(data, path)
+    for key, tensor in vectors.items():
+        if not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            where = f" ({key})" if key else ""
+            raise EmbeddingFileError(f"{path} holds non-finite values (NaN or infinity: {bad} of {tensor.numel()} "
+                                     f"numbers{where}): the word is unusable; use an earlier snapshot of its run.")
     stored_name = data.get("name") if isinstance(data, dict) else None
     name = metadata.get("textinv.name") or (stored_name if isinstance(stored_name, str) else path.stem)
     return EmbeddingFile(vectors=vectors, name=name, format=fmt, metadata=metadata)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig, TrainingError
-from .embedding_file import save_embedding
+from .embedding_file import OutputWriteError, atomic_write, save_embedding
 from .metadata import snapshot_metadata
 
 MAY_CHANGE_ON_RESUME = ("steps", "snapshot_every", "preview_every", "preview_prompt", "memory")
@@ -29,24 +29,46 @@ def resume_path(folder: str | Path, name: str) -> Path:
 
 
 def write_snapshot(trainer, folder: Path, stopped: str = "") -> Path:
-    """The embedding of the run's vectors at its step and its resume state; returns the embedding's path."""
+    """The embedding of the run's vectors at its step and its resume state; returns the embedding's path.
+
+    Both or neither: the state goes to a temporary file, the embedding is written, then the state is renamed
+    into place. A write the disk or folder refuses (full, read-only) leaves the last snapshot as it was and
+    is one SnapshotWriteError that names it.
+    """
     from safetensors.torch import save_file
 
     name, step = trainer.config.name, trainer.step
-    folder.mkdir(parents=True, exist_ok=True)
     embedding = folder / f"{name}-step{step:06d}.safetensors"
     vectors = {k: v.detach() for k, v in trainer.vectors.items()}
     family = getattr(trainer.host, "family", "")
-    save_embedding(embedding, vectors, name, metadata=snapshot_metadata(family, step), overwrite=True)
-    target = resume_path(folder, name)
-    tmp = target.with_name(f".{target.name}.tmp")
+    tensors = state_tensors(trainer)
+    meta = {"textinv.resume": json.dumps(state_meta(trainer, stopped))}
+
+    def write_state(tmp: str) -> None:
+        save_file(tensors, tmp, metadata=meta)
+        save_embedding(embedding, vectors, name, metadata=snapshot_metadata(family, step), overwrite=True)
+
     try:
-        save_file(state_tensors(trainer), str(tmp), metadata={"textinv.resume": json.dumps(state_meta(trainer,
-                                                                                                      stopped))})
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
+        atomic_write(resume_path(folder, name), write_state, overwrite=True)
+    except OutputWriteError as error:
+        raise SnapshotWriteError(_write_failed(trainer, folder, step, stopped, error)) from error
     return embedding
+
+
+class SnapshotWriteError(TrainingError):
+    """A snapshot could not be written (disk full, read-only folder); the message names the last one kept."""
+
+
+def _write_failed(trainer, folder: Path, step: int, stopped: str, error: OutputWriteError) -> str:
+    nan = stopped == STOPPED_BY_NAN
+    what = f"the last good state (step {step}) after the NaN loss" if nan else f"the snapshot of step {step}"
+    last = getattr(trainer, "last_snapshot", None)
+    if last is not None:
+        after = (f"the last snapshot written is {last}: free some space or make {folder} writable, then resume "
+                 f"from {last.parent}" + (" with a lower learning rate" if nan else ""))
+    else:
+        after = f"no snapshot was written before this one: free some space or make {folder} writable and start again"
+    return f"Training stopped: could not write {what} to {folder} ({error.reason}); {after}."
 
 
 def read_resume(path: str | Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
