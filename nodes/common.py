@@ -58,12 +58,16 @@ def image_tensor(pil_image):
 
 def placeholder_for(word: str, name: str) -> str:
     """The text users type: the given word, or `<name>` when left empty."""
+    from ..textinv_core.errors import UserError
+
     word = (word or "").strip()
     if not word:
         return f"<{name}>"
     if any(c in word for c in "\n\r\t"):
-        raise ValueError(f"The word {word!r} contains a line break or tab: use one word such as <my-cat>.")
+        raise UserError(f"The word {word!r} contains a line break or tab: use one word such as <my-cat>.")
     if ":" in word or "(" in word or ")" in word:
-        raise ValueError(f"The word {word!r} contains ':', '(' or ')', which prompts use for weights: "
-                         "use a word such as <my-cat>.")
+        raise UserError(f"The word {word!r} contains ':', '(' or ')', which prompts use for weights: "
+                        "use a word such as <my-cat>.")
+    if len(word) > 100:
+        raise UserError(f"The word {word[:20]!r}... is {len(word)} characters long: use a short word such as <my-cat>.")
     return word

@@ -54,11 +54,15 @@ class ComposeConcepts:
     def compose(self, clip, embedding_1, mode, name, weights, save, overwrite=False, **more):
         from ..textinv_core.compose import compose_vectors
         from ..textinv_core.embedding_file import save_embedding, validate_name
-        from ..textinv_core.errors import OutputExistsError, UserError
+        from ..textinv_core.errors import UserError
         from ..textinv_core.hosts.comfy import with_words
+        from ..textinv_core.inputs import NODE_LABELS, check_word_output
         from ..textinv_core.metadata import composed_metadata
 
         words = [embedding_1] + [more[f"embedding_{i}"] for i in range(2, SLOTS + 1) if more.get(f"embedding_{i}")]
+        if any(not (hasattr(w, "vectors") and hasattr(w, "placeholder")) for w in words):
+            raise UserError("Connect words from Load Pseudo-word, Train Embedding or Compose Concepts to the "
+                            "embedding inputs.")
         if mode not in MODES:
             raise UserError(f"Unknown mode {mode!r}: choose one of {', '.join(MODES)}.")
         loaded = {w.placeholder: w.vectors for w in words}
@@ -72,9 +76,8 @@ class ComposeConcepts:
         else:
             name = validate_name(name)
             target = embeddings_folder() / f"{name}.safetensors"
-            if save and target.exists() and not overwrite:  # refused before any work, like Train Embedding
-                raise OutputExistsError(f"An embedding named '{name}' already exists ({target}): choose another "
-                                        "name, or switch on overwrite.")
+            if save:  # an existing word, a read-only or full folder: refused before any work, like Train Embedding
+                check_word_output(target, overwrite, name, NODE_LABELS)
             vectors = compose_vectors([(w.name, w.vectors) for w in words], mode, weights)
             metadata = composed_metadata(words[0].family, mode, [w.name for w in words])
             result = PseudoWord(name=name, vectors=vectors, family=words[0].family, metadata=metadata)

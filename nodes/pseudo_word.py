@@ -15,8 +15,10 @@ def load_word(clip, embedding_file: str, embedding: PseudoWord | None) -> Pseudo
     """The word from the connected handle, else from the chosen file; vectors fitted to this CLIP."""
     from pathlib import Path
 
-    from ..textinv_core.embedding_file import EmbeddingFile, load_embedding, vectors_for_encoders
+    from ..textinv_core.embedding_file import EmbeddingFile, vectors_for_encoders
+    from ..textinv_core.errors import UserError
     from ..textinv_core.hosts.comfy import clip_encoders, clip_family
+    from ..textinv_core.inputs import check_word_file
 
     encoders = clip_encoders(clip)
     family = clip_family(clip)
@@ -26,14 +28,14 @@ def load_word(clip, embedding_file: str, embedding: PseudoWord | None) -> Pseudo
         path = embedding.path
     else:
         if not embedding_file or embedding_file == NO_FILE:
-            raise ValueError("Load Pseudo-word: choose an embedding file, or connect an embedding from "
-                             "Train Embedding or Compose Concepts.")
+            raise UserError("Load Pseudo-word: choose an embedding file, or connect an embedding from "
+                            "Train Embedding or Compose Concepts.")
         import folder_paths
 
         path = folder_paths.get_full_path("embeddings", embedding_file)
         if path is None:
-            raise ValueError(f"Embedding file {embedding_file!r} is not in the embeddings folder any more.")
-        source = load_embedding(path)
+            raise UserError(f"Embedding file {embedding_file!r} is not in the embeddings folder any more.")
+        source = check_word_file(path)  # an embedding, readable, every value finite
         source.name = Path(embedding_file).stem  # the word defaults to <file-name>
     vectors = vectors_for_encoders(source, encoders)
     return PseudoWord(name=source.name, vectors=vectors, family=family, path=path, metadata=source.metadata)
@@ -71,7 +73,10 @@ class LoadPseudoWord:
 
     def load(self, clip, embedding_file, word, strength, embedding=None):
         from ..textinv_core.hosts.comfy import with_words
+        from ..textinv_core.inputs import check_number
 
+        strength = check_number(strength, "strength", -10.0, 10.0)
+        placeholder_for(word, "word")  # a bad word is refused before the file is read
         loaded = load_word(clip, embedding_file, embedding)
         vectors = {k: v.float() * float(strength) for k, v in loaded.vectors.items()}
         placeholder = placeholder_for(word, loaded.name)

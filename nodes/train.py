@@ -167,17 +167,15 @@ class TrainEmbedding:
 
         from ..textinv_core.config import TrainConfig
         from ..textinv_core.embedding_file import save_embedding, validate_name
-        from ..textinv_core.errors import OutputExistsError
         from ..textinv_core.hosts.comfy import ComfyHost, with_words
+        from ..textinv_core.inputs import NODE_LABELS, check_output_file, check_training
         from ..textinv_core.metadata import training_metadata
         from ..textinv_core.plots import loss_curve_image
         from ..textinv_core.trainer import Trainer
 
         name = validate_name(name)
         target = embeddings_folder() / f"{name}.safetensors"
-        if target.exists() and not overwrite:
-            raise OutputExistsError(f"An embedding named '{name}' already exists ({target}): choose another "
-                                    "name, or switch on overwrite.")
+        check_output_file(target, overwrite, name, NODE_LABELS)  # first: the one mistake that costs a trained word
         caption_list = [c.strip() for c in captions.splitlines() if c.strip()] if templates == "captions" else None
         optional = {"resolution": resolution, "eval_every": eval_every, "eval_draws": eval_draws,
                     "preview_every": preview_every, "memory": memory}
@@ -188,6 +186,9 @@ class TrainEmbedding:
             **{k: v for k, v in optional.items() if v is not None},
         )
         snapshot_dir = Path(folder_paths.get_output_directory()) / "textinv" / name
+        # Images, masks, settings, the embeddings folder and the snapshot folder, before any model work.
+        check_training(config, images, output=target, overwrite=overwrite, snapshot_dir=snapshot_dir, masks=mask,
+                       labels=NODE_LABELS)
         with torch.inference_mode(False), torch.enable_grad(), ComfyHost(model, clip, vae) as host:
             observer = _NodeObserver(config.steps, unique_id)
             trainer = Trainer(host, images, config, masks=mask, observer=observer, snapshot_dir=snapshot_dir)

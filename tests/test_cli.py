@@ -49,11 +49,11 @@ def test_train_resumes_from_its_snapshots(tiny_sd1_folder, image_dir, tmp_path):
     assert torch.equal(load_embedding(whole).vectors[""], load_embedding(resumed).vectors[""])
 
 
-@pytest.mark.parametrize("case", ["no-images", "zero-byte", "bad-name", "zero-steps", "empty-init"])
+@pytest.mark.parametrize("case", ["no-images", "zero-byte", "bad-name", "zero-steps", "zero-eval-every"])
 def test_bad_inputs_give_one_error_and_write_nothing(tiny_sd1_folder, image_dir, tmp_path, capsys, case):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    args = {"images": image_dir, "name": "my-cat", "steps": "6", "init": "cat"}
+    args = {"images": image_dir, "name": "my-cat", "steps": "6", "init": "cat", "eval": "3"}
     if case == "no-images":
         args["images"] = tmp_path / "empty"
         args["images"].mkdir()
@@ -64,10 +64,10 @@ def test_bad_inputs_give_one_error_and_write_nothing(tiny_sd1_folder, image_dir,
     elif case == "zero-steps":
         args["steps"] = "0"
     else:
-        args["init"] = " "
+        args["eval"] = "0"
     code = main(["train", "--model", str(tiny_sd1_folder), "--images", str(args["images"]), "--name", args["name"],
                  "--init-word", args["init"], "--steps", args["steps"], "--resolution", "32",
-                 "--output", str(out_dir / "w.safetensors")])
+                 "--eval-every", args["eval"], "--output", str(out_dir / "w.safetensors")])
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("textinv: error:") == 1 and "Traceback" not in err

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .config import default
-from .errors import MissingFileError, OutputExistsError, UserError
+from .errors import UserError
 from .progress import ProgressBar
 
 log = logging.getLogger("textinv")
@@ -24,14 +24,6 @@ def _dtype(name: str):
     import torch
 
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,72 +71,158 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from .data import find_image_files, load_images
-    from .embedding_file import check_format, default_suffix, save_embedding, validate_name
-    from .hosts.diffusers_host import DiffusersHost
-    from .metadata import training_metadata
-    from .trainer import TrainConfig, Trainer
+    from .config import TrainConfig
+    from .embedding_file import check_format, default_suffix, validate_name
+    from .inputs import CLI_LABELS, check_model_path, check_training, load_image_files, read_captions
 
+    # Every input is checked before the (slow) model load: one error line, nothing written.
     name = validate_name(args.name)
-    if args.output:  # checked before the (slow) model load; the default name is checked after it
-        _check_output(Path(args.output), args.overwrite, name)
-    files = find_image_files(args.images)
-    images = load_images(files)
-    captions = None
-    if args.templates == "captions":
-        captions = [_read_caption(path) for path in files]
-    progressive = tuple(int(s) for s in args.progressive.split(",") if s.strip())
+    model = check_model_path(args.model)
+    encoders = model.encoders or 1  # a .ckpt says only once loaded; checked again then
+    output = Path(args.output) if args.output else Path(f"{name}{default_suffix(args.format, encoders)}")
+    check_format(args.format, encoders, output)
+    files, images = load_image_files(args.images)
+    captions = read_captions(files) if args.templates == "captions" else None
     config = TrainConfig(
         name=name, init_word=args.init_word, num_vectors=args.vectors, steps=args.steps, learning_rate=args.lr,
         scale_lr=not args.no_scale_lr, batch_size=args.batch, resolution=args.resolution, templates=args.templates,
         captions=captions, seed=args.seed, flip=not args.no_flip, init_pull=args.init_pull,
-        max_norm_ratio=args.max_norm, progressive_steps=progressive, per_image_tokens=args.per_image_tokens,
-        eval_every=args.eval_every, early_stop_patience=args.early_stop, snapshot_every=args.snapshot_every,
-        preview_every=args.preview_every, memory=args.memory,
+        max_norm_ratio=args.max_norm, progressive_steps=_progressive(args.progressive),
+        per_image_tokens=args.per_image_tokens, eval_every=args.eval_every, early_stop_patience=args.early_stop,
+        snapshot_every=args.snapshot_every, preview_every=args.preview_every, memory=args.memory,
     )
-    config.validate(len(images))
-    host = DiffusersHost.load(args.model, device=_device(args.device), dtype=_dtype(args.dtype),
-                              **({"prediction_type": args.prediction} if args.prediction else {}))
-    output = Path(args.output) if args.output else Path(f"{name}{default_suffix(args.format, len(host.encoders))}")
-    check_format(args.format, len(host.encoders), output)
-    _check_output(output, args.overwrite, name)
     snapshots = output.with_name(f"{output.stem}.snapshots")
-    trainer = Trainer(host, images, config, observer=ProgressBar(snapshots), snapshot_dir=snapshots)
+    images = check_training(config, images, output=output, overwrite=args.overwrite, snapshot_dir=snapshots,
+                            resume=args.resume, labels=CLI_LABELS, model=model)
+    device = _device(args.device)
+
+    from .hosts.diffusers_host import DiffusersHost
+    from .trainer import Trainer
+
+    host = DiffusersHost.load(args.model, device=device, dtype=_dtype(args.dtype),
+                              **({"prediction_type": args.prediction} if args.prediction else {}))
+    if len(host.encoders) != encoders:  # a .ckpt of SDXL: its default name and format are known only now
+        output = Path(args.output) if args.output else Path(f"{name}{default_suffix(args.format, len(host.encoders))}")
+        check_format(args.format, len(host.encoders), output)
+        snapshots = output.with_name(f"{output.stem}.snapshots")
+        check_training(config, images, output=output, overwrite=args.overwrite, snapshot_dir=snapshots,
+                       labels=CLI_LABELS)
+    progress = ProgressBar(snapshots)
+    trainer = Trainer(host, images, config, observer=progress, snapshot_dir=snapshots)
     if args.resume:
         trainer.load_state(args.resume)
+    started = trainer.step
     try:
         result = trainer.run()
     except KeyboardInterrupt:
-        where = trainer.last_snapshot or "none was written yet"
-        print(f"\ninterrupted; last snapshot: {where} (resume with --resume {snapshots})", file=sys.stderr)
-        return 130
-    meta = training_metadata(host.family, config, result)
-    save_embedding(output, result.vectors, name, fmt=args.format, metadata=meta, overwrite=args.overwrite)
+        progress.close()
+        return _interrupted(trainer, snapshots, started)
+    except UserError as error:
+        progress.close()
+        hint = _nan_hint(trainer, snapshots, args, error)
+        if hint:
+            raise UserError(f"{error}{hint}") from error
+        raise
+    _save_result(args, host, config, result, output, trainer, snapshots)
     print(f"eval loss {result.init_eval_loss:.4f} at the init word -> {result.best_eval_loss:.4f} "
           f"(best, step {result.best_step}); {result.stopped_reason} after {result.steps_run} steps; {result.memory}")
     print(f"wrote {output}; use it as <{name}> or embedding:{name}")
     return 0
 
 
-def _check_output(output: Path, overwrite: bool, name: str) -> None:
-    if output.is_dir():
-        raise UserError(f"--output {output} is a folder: give a file name such as {output / name}.safetensors.")
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"{output} already exists: pass --overwrite or choose another --output.")
+def _progressive(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise UserError(f"--progressive {text!r} must be step numbers separated by commas, e.g. 2000,4000.") from None
 
 
-def _read_caption(image_path: Path) -> str:
-    caption = image_path.with_suffix(".txt")
-    if not caption.is_file():
-        raise MissingFileError(f"--templates captions needs {caption} beside {image_path.name}.")
-    return caption.read_text(encoding="utf-8").strip()
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise UserError(f"--device {name}: this machine has {count} CUDA device(s); use --device cpu or auto.")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError(f"--device {name}: MPS is not available here; use --device cpu or auto.")
+    return name
+
+
+def _snapshot_step(path: Path | None) -> int | None:
+    try:
+        return int(path.stem.rsplit("-step", 1)[1]) if path is not None else None
+    except (IndexError, ValueError):
+        return None
+
+
+def _interrupted(trainer, snapshots: Path, started: int) -> int:
+    """Ctrl-C: the trainer keeps the state before a cut-short step; a stop anywhere else (evaluation, preview)
+    is kept here, so the steps done are never lost. Exit status 130, as for any interrupted command."""
+    if trainer.step > started and _snapshot_step(trainer.last_snapshot) != trainer.step:
+        try:
+            trainer.snapshot()
+        except KeyboardInterrupt:
+            pass
+    step = _snapshot_step(trainer.last_snapshot)
+    if trainer.last_snapshot is not None and step is not None and step >= started:
+        print(f"textinv: interrupted; step {step} is saved in {trainer.last_snapshot.parent}: run the same command "
+              f"with --resume {trainer.last_snapshot.parent} to go on.", file=sys.stderr)
+    else:
+        print("textinv: interrupted before the first step finished; nothing was written.", file=sys.stderr)
+    return 130
+
+
+def _nan_hint(trainer, snapshots: Path, args, error: UserError) -> str:
+    """After a NaN loss, the command that goes on from the last good state."""
+    from .snapshots import STOPPED_BY_NAN, SnapshotWriteError, read_resume
+
+    if trainer.last_snapshot is None or isinstance(error, SnapshotWriteError):
+        return ""
+    try:
+        meta, _ = read_resume(snapshots, trainer.config.name)
+    except (UserError, OSError, ValueError, KeyError):
+        return ""
+    if meta.get("stopped") != STOPPED_BY_NAN or meta.get("step") != trainer.step:
+        return ""
+    return f" Go on with the same command and --resume {snapshots} --lr {args.lr / 2:g}."
+
+
+def _save_result(args, host, config, result, output: Path, trainer, snapshots: Path) -> None:
+    """The final write; if it fails (disk full, a file appeared meanwhile) the trained state is kept as a
+    snapshot where possible and the message says how to get the word without training again."""
+    from .embedding_file import save_embedding
+    from .metadata import training_metadata
+
+    meta = training_metadata(host.family, config, result)
+    try:
+        save_embedding(output, result.vectors, config.name, fmt=args.format, metadata=meta, overwrite=args.overwrite)
+    except UserError as error:
+        if _snapshot_step(trainer.last_snapshot) != trainer.step:
+            try:
+                trainer.snapshot()
+            except UserError:
+                pass
+        if trainer.last_snapshot is None:
+            raise
+        step = _snapshot_step(trainer.last_snapshot)
+        raise UserError(f"{error} The run is saved up to step {step} in {snapshots}: fix this and run the same "
+                        f"command with --resume {snapshots} to write the word.") from error
 
 
 def info_command(args: argparse.Namespace) -> int:
     from .embedding_file import load_embedding, vectors_for_encoders
     from .families import describe_width
+    from .inputs import check_model_path
 
-    emb = load_embedding(args.file)
+    emb = load_embedding(args.file)  # refuses a file that is not an embedding, or holds NaN/inf
+    if args.model:
+        check_model_path(args.model)
     print(f"file:    {args.file}")
     print(f"name:    {emb.name}")
     print(f"format:  {emb.format}")
@@ -195,8 +273,15 @@ def bench_quality_command(args: argparse.Namespace) -> int:
     return run_quality(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line too (the usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"textinv: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="textinv", description="Textual Inversion: learn a pseudo-word.")
+    parser = _Parser(prog="textinv", description="Textual Inversion: learn a pseudo-word.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     train_parser = sub.add_parser("train", help="learn a pseudo-word from a few images")
@@ -233,8 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if args.verbose:
             raise
-        print(f"textinv: error: {error}", file=sys.stderr)
+        print(f"textinv: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training started (a run's own interrupt is handled where it runs)
+        print("textinv: interrupted; nothing was written.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,12 +9,19 @@ Kept free of torch so front ends can import it cheaply.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from .errors import UserError
 
 PREVIEW_STEPS = 20       # sampling steps of a preview image
 PREVIEW_GUIDANCE = 5.0   # classifier-free guidance of a preview image
+
+
+# How a setting is named in messages when the front end gives no label of its own.
+_LABELS = {"num_vectors": "vectors", "learning_rate": "learning rate", "batch_size": "batch size",
+           "progressive_steps": "progressive steps", "early_stop_patience": "early stop",
+           "snapshot_every": "snapshot every", "max_norm_ratio": "max norm"}
 
 
 class TrainingError(UserError):
@@ -55,32 +62,66 @@ class TrainConfig:
     #                                    them block by block (about a third more time per step, a fraction of
     #                                    the memory); "auto": low only when a fast step would not fit the free memory
 
-    def validate(self, image_count: int) -> None:
+    def validate(self, image_count: int, labels: Mapping[str, str] | None = None) -> None:
+        """Refuse settings that would fail later or train nothing. `labels` names a field the way the
+        front end shows it (CLI: {"num_vectors": "--vectors"}; node: its input name)."""
         from .embedding_file import validate_name
 
+        def say(field_name: str) -> str:
+            return (labels or {}).get(field_name) or _LABELS.get(field_name, field_name.replace("_", " "))
+
         validate_name(self.name)
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                                   or (item.type == "int" and not isinstance(value, int))):
+                kind = "a whole number" if item.type == "int" else "a number"
+                raise TrainingError(f"{say(item.name)} must be {kind} (got {value!r}).")
         if self.steps <= 0:
-            raise TrainingError(f"steps must be at least 1 (got {self.steps}).")
+            raise TrainingError(f"{say('steps')} must be at least 1 (got {self.steps}).")
         if self.num_vectors < 1 or self.num_vectors > 75:
-            raise TrainingError(f"vectors must be between 1 and 75 (got {self.num_vectors}).")
-        if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
-            raise TrainingError(f"learning rate must be a positive number (got {self.learning_rate}).")
+            raise TrainingError(f"{say('num_vectors')} must be between 1 and 75 (got {self.num_vectors}).")
+        if not 0 < self.learning_rate <= 100:  # far above any use (paper: 0.005); AdamW overflows near 1e37
+            raise TrainingError(f"{say('learning_rate')} must be a positive number up to 100, such as 0.005 "
+                                f"(got {self.learning_rate}).")
         if self.batch_size < 1:
-            raise TrainingError(f"batch size must be at least 1 (got {self.batch_size}).")
+            raise TrainingError(f"{say('batch_size')} must be at least 1 (got {self.batch_size}).")
+        if not 8 <= self.resolution <= 8192:
+            raise TrainingError(f"{say('resolution')} must be a size in pixels from 8 to 8192, such as 512 "
+                                f"(got {self.resolution}).")
+        if not -(2 ** 63) <= self.seed < 2 ** 63:
+            raise TrainingError(f"{say('seed')} must be below 2**63 in size (got {self.seed}).")
+        for name, least in (("eval_every", 1), ("eval_draws", 1), ("snapshot_every", 0), ("preview_every", 0),
+                            ("early_stop_patience", 0)):
+            if getattr(self, name) < least:
+                zero = " (0 turns it off)" if least == 0 else ""
+                raise TrainingError(f"{say(name)} must be at least {least}{zero} (got {getattr(self, name)}).")
+        for name in ("weight_decay", "init_pull", "max_norm_ratio"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise TrainingError(f"{say(name)} must be a number of at least 0, where 0 turns it off (got {value}).")
         if self.templates not in ("object", "style", "captions"):
-            raise TrainingError(f"templates must be object, style or captions (got {self.templates!r}).")
+            raise TrainingError(f"{say('templates')} must be object, style or captions (got {self.templates!r}).")
         if self.templates == "captions" and (not self.captions or len(self.captions) != image_count):
             got = len(self.captions or [])
             raise TrainingError(
                 f"templates=captions needs one caption per image: {image_count} images, {got} captions."
             )
+        if self.captions is not None and not all(isinstance(c, str) for c in self.captions):
+            raise TrainingError("captions must be text, one per image.")
+        steps = self.progressive_steps
+        whole = all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in steps)
+        if not whole or list(steps) != sorted(set(steps)):
+            raise TrainingError(f"{say('progressive_steps')} must be increasing step numbers such as 2000,4000 "
+                                f"(got {', '.join(map(str, steps))}).")
         if len(self.progressive_steps) >= self.num_vectors:
-            raise TrainingError("progressive steps add one vector each: vectors must exceed their count.")
+            raise TrainingError(f"{say('progressive_steps')} add one vector each: {say('num_vectors')} must exceed "
+                                f"their count ({len(steps)}).")
         low, high = self.timestep_range
         if not 0.0 <= low < high <= 1.0:
             raise TrainingError(f"timestep range must satisfy 0 <= low < high <= 1 (got {low}, {high}).")
         if self.memory not in ("auto", "fast", "low"):
-            raise TrainingError(f"memory must be auto, fast or low (got {self.memory!r}).")
+            raise TrainingError(f"{say('memory')} must be auto, fast or low (got {self.memory!r}).")
         if self.per_image_tokens and self.templates == "captions":
             raise TrainingError("per-image tokens work with the object or style templates, not captions.")
 
