@@ -276,6 +276,8 @@ CASES = {
     "vectors-over-75": (lambda ws, mp: ws.args("--vectors", "80"), ["--vectors"]),
     "vectors-more-than-prompt-holds": (lambda ws, mp: ws.args("--vectors", "70"), ["--vectors 70", "68 or less"]),
     "vectors-captions-too-long": (lambda ws, mp: _long_caption(ws), ["--vectors", "room for"]),
+    "caption-longer-than-a-prompt": (lambda ws, mp: _long_caption(ws, 30), ["caption", "shorten it"]),
+    "resume-state-of-another-family": (lambda ws, mp: _other_family(ws, mp), ["clip_l 768", "clip_h 1024"]),
     "progressive-not-numbers": (lambda ws, mp: ws.args("--progressive", "2,x", "--vectors", "2"), ["--progressive"]),
     "progressive-without-vectors": (lambda ws, mp: ws.args("--progressive", "2"), ["--progressive", "--vectors"]),
     "snapshot-every-negative": (lambda ws, mp: ws.args("--snapshot-every", "-1"), ["--snapshot-every"]),
@@ -345,11 +347,20 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def _long_caption(ws):
+def _long_caption(ws, repeats: int = 10):
     for i in range(3):
-        (ws.images / f"{i}.txt").write_text("a photo of {} " + "on a very long and winding road " * 10,
+        (ws.images / f"{i}.txt").write_text("a photo of {} " + "on a very long and winding road " * repeats,
                                             encoding="utf-8")
     return ws.args("--templates", "captions", "--vectors", "20")
+
+
+def _other_family(ws, mp):
+    """An SD1 run's snapshot resumed on an SD2 model: refused once the model is known, before any step."""
+    from types import SimpleNamespace
+
+    folder = _resume_state(ws, "")
+    ws.use_host(mp, SimpleNamespace(encoders={"clip_h": 1024}, family="sd2"))
+    return ws.args("--steps", "2", "--resume", str(folder))
 
 
 def _snapshot_file(ws):

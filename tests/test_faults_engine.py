@@ -292,3 +292,12 @@ def test_a_write_refused_by_permissions_is_one_line(ws, monkeypatch):
         save_embedding(ws.root / "new.safetensors", {"clip_l": torch.ones(1, 768)}, "new")
     one_line(info.value, "Permission denied")
     assert not (ws.root / "new.safetensors").exists()
+
+
+def test_a_strip_of_an_image_trains_without_a_memory_bomb():
+    """1 x 4000 px would scale to 512 x 2 million: its middle is cut first, the result is the centre square."""
+    from textinv_core.data import pixels_from_images
+
+    strip = Image.new("RGB", (1, 4000), (200, 10, 10))
+    pixels = pixels_from_images([strip, Image.new("RGB", (4000, 2), (0, 0, 0))], 64)
+    assert pixels.shape == (2, 3, 64, 64) and torch.allclose(pixels[0, 0], torch.full((64, 64), 200 / 127.5 - 1))

@@ -8,6 +8,7 @@ end. Anything else is a bug or a resource problem and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -73,7 +74,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def train_command(args: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .embedding_file import check_format, default_suffix, validate_name
-    from .inputs import CLI_LABELS, check_model_path, check_training, load_image_files, read_captions
+    from .inputs import (
+        CLI_LABELS,
+        check_model_path,
+        check_resume_fits,
+        check_training,
+        load_image_files,
+        read_captions,
+    )
 
     # Every input is checked before the (slow) model load: one error line, nothing written.
     name = validate_name(args.name)
@@ -99,8 +107,11 @@ def train_command(args: argparse.Namespace) -> int:
     from .hosts.diffusers_host import DiffusersHost
     from .trainer import Trainer
 
-    host = DiffusersHost.load(args.model, device=device, dtype=_dtype(args.dtype),
-                              **({"prediction_type": args.prediction} if args.prediction else {}))
+    with _memory_note("loading the model", "--dtype fp16 (or bf16) halves the model's memory"):
+        host = DiffusersHost.load(args.model, device=device, dtype=_dtype(args.dtype),
+                                  **({"prediction_type": args.prediction} if args.prediction else {}))
+    if args.resume:
+        check_resume_fits(args.resume, name, host.encoders)
     if len(host.encoders) != encoders:  # a .ckpt of SDXL: its default name and format are known only now
         output = Path(args.output) if args.output else Path(f"{name}{default_suffix(args.format, len(host.encoders))}")
         check_format(args.format, len(host.encoders), output)
@@ -108,12 +119,14 @@ def train_command(args: argparse.Namespace) -> int:
         check_training(config, images, output=output, overwrite=args.overwrite, snapshot_dir=snapshots,
                        labels=CLI_LABELS)
     progress = ProgressBar(snapshots)
-    trainer = Trainer(host, images, config, observer=progress, snapshot_dir=snapshots)
+    with _memory_note("encoding the images", "a lower --resolution needs less"):
+        trainer = Trainer(host, images, config, observer=progress, snapshot_dir=snapshots)
     if args.resume:
         trainer.load_state(args.resume)
     started = trainer.step
     try:
         result = trainer.run()
+        _save_result(args, host, config, result, output, trainer, snapshots)
     except KeyboardInterrupt:
         progress.close()
         return _interrupted(trainer, snapshots, started)
@@ -123,11 +136,24 @@ def train_command(args: argparse.Namespace) -> int:
         if hint:
             raise UserError(f"{error}{hint}") from error
         raise
-    _save_result(args, host, config, result, output, trainer, snapshots)
     print(f"eval loss {result.init_eval_loss:.4f} at the init word -> {result.best_eval_loss:.4f} "
           f"(best, step {result.best_step}); {result.stopped_reason} after {result.steps_run} steps; {result.memory}")
     print(f"wrote {output}; use it as <{name}> or embedding:{name}")
     return 0
+
+
+@contextlib.contextmanager
+def _memory_note(doing: str, advice: str):
+    """Out of memory outside a training step keeps its traceback too, and says what lowers the need."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as error:
+        if isinstance(error, MemoryError) or "out of memory" in str(error).lower() or "allocate" in str(error):
+            note = f"textinv: out of memory while {doing}: {advice}."
+            if hasattr(error, "add_note"):
+                error.add_note(note)
+            log.error(note)
+        raise
 
 
 def _progressive(text: str) -> tuple[int, ...]:

@@ -171,6 +171,11 @@ def as_pil_list(images) -> list[Image.Image]:
 
 def resize_and_crop(image: Image.Image, resolution: int, resample=Image.Resampling.BICUBIC) -> Image.Image:
     """Shorter side to `resolution`, then the centre square."""
+    short, long = min(image.size), max(image.size)
+    if long > 8 * short:  # a strip (1 x 1000 px would scale to 512 x 512000): only its middle is kept, so cut
+        keep = 3 * short  # it first, with a square of margin on each side, before scaling
+        left, top = ((image.width - keep) // 2, 0) if image.width > image.height else (0, (image.height - keep) // 2)
+        image = image.crop((left, top, left + min(keep, image.width), top + min(keep, image.height)))
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, resample=resample)

@@ -21,8 +21,9 @@ from .errors import MissingFileError, OutputExistsError, UserError
 from .model_files import ModelFileError, ModelInfo, check_model_path, read_safetensors_header
 
 __all__ = ["CLI_LABELS", "NODE_LABELS", "InputError", "ModelFileError", "ModelInfo", "check_folder_writable",
-           "check_images", "check_model_path", "check_number", "check_output_file", "check_resume", "check_settings",
-           "check_training", "check_word_file", "check_word_output", "load_image_files", "prompt_room", "space_needed"]
+           "check_images", "check_model_path", "check_number", "check_output_file", "check_resume",
+           "check_resume_fits", "check_settings", "check_training", "check_word_file", "check_word_output",
+           "load_image_files", "prompt_room", "read_captions", "space_needed"]
 
 PROMPT_TOKENS = 75  # a CLIP prompt: 77 positions less the start and end tokens
 OUTPUT_SUFFIXES = (".safetensors", ".pt", ".bin")
@@ -58,6 +59,9 @@ def check_settings(config: TrainConfig, image_count: int, labels: Mapping[str, s
     """TrainConfig.validate, then whether k vectors fit every prompt the word is trained in."""
     config.validate(image_count, labels)
     room, prompt = prompt_room(config)
+    if room < 1:
+        raise TrainingError(f"The caption {prompt!r} is longer than the {PROMPT_TOKENS} tokens a prompt holds with "
+                            "the word in it: shorten it.")
     if config.num_vectors > room:
         label = _say(labels, "num_vectors", "vectors")
         raise TrainingError(
@@ -230,15 +234,15 @@ def check_resume(source: str | Path, config: TrainConfig, images, labels: Mappin
     import json
 
     from .data import images_fingerprint, pixels_from_images
-    from .snapshots import check_resumable, resume_path
+    from .snapshots import check_resumable
 
     label = _say(labels, "resume", "resume")
     path = Path(source)
     if not path.exists():
         raise MissingFileError(f"{label} {path} does not exist: give the snapshot folder of the earlier run, or "
                                "any file in it.")
-    folder = path if path.is_dir() else path.parent
-    state = path if path.is_file() and path.name.endswith(".resume.safetensors") else resume_path(folder, config.name)
+    state = _state_file(path, config.name)
+    folder = state.parent
     if not state.is_file():
         others = sorted(p.name[: -len(".resume.safetensors")] for p in folder.glob("*.resume.safetensors"))
         hint = (f"it holds the resume state of {', '.join(others)}: use the same name as that run" if others
@@ -257,6 +261,27 @@ def check_resume(source: str | Path, config: TrainConfig, images, labels: Mappin
                          "unreadable): start the run again.") from None
     check_resumable(meta, config, images_fingerprint(pixels_from_images(images, config.resolution)))
     return state
+
+
+def _state_file(path: Path, name: str) -> Path:
+    from .snapshots import resume_path
+
+    if path.is_file() and path.name.endswith(".resume.safetensors"):
+        return path
+    return resume_path(path if path.is_dir() else path.parent, name)
+
+
+def check_resume_fits(source: str | Path, name: str, encoders: Mapping[str, int]) -> None:
+    """Once the model is loaded: the saved vectors are for its text encoders (a run of another family
+    cannot go on with this model)."""
+    state = _state_file(Path(source), name)
+    header = read_safetensors_header(state)
+    saved = {k.split(".", 1)[1]: v["shape"][-1] for k, v in header.items() if k.startswith("vectors.")}
+    if saved != dict(encoders):
+        def show(widths):
+            return ", ".join(f"{k} {w}" for k, w in sorted(widths.items()))
+        raise InputError(f"The resume state {state} holds vectors for {show(saved)}, but this model's text encoders "
+                         f"are {show(dict(encoders))}: resume with the model the run started with.")
 
 
 # -- all of one training request --------------------------------------------------------------------
