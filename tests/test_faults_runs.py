@@ -281,3 +281,12 @@ def test_an_embedding_with_nan_cannot_be_written_either(tmp_path):
     with pytest.raises(EmbeddingFileError, match="non-finite"):
         save_embedding(tmp_path / "x.safetensors", {"clip_l": torch.full((1, 768), math.nan)}, "x")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_accepts_a_snapshot_file_instead_of_its_folder(ws, monkeypatch, capsys):
+    ws.use_host(monkeypatch)
+    first = ws.root / "first" / "w.safetensors"
+    assert run_cli(ws.args("--steps", "2", "--snapshot-every", "2", output=str(first))) == 0
+    snapshot = first.with_name("w.snapshots") / "w-step000002.safetensors"
+    assert run_cli(ws.args("--steps", "4", "--snapshot-every", "2", "--resume", str(snapshot))) == 0
+    assert load_embedding(ws.out).metadata["textinv.steps"] == "4"
