@@ -51,7 +51,15 @@ class Host(Protocol):
         """
 
     def token_table_stats(self) -> dict[str, float]:
-        """Mean L2 norm of the real vocabulary rows per encoder (the scale for norm control)."""
+        """Mean L2 norm of the real vocabulary rows per encoder (how `textinv info` judges a norm)."""
+
+    def token_table(self, key: str) -> torch.Tensor:
+        """The frozen token-embedding table of encoder `key`, [vocabulary, width]: read, never written
+        (the engine searches it for a start word when none is given)."""
+
+    def token_strings(self) -> list[str]:
+        """The text of every token id (shared by the encoders), without end-of-word marks; '' for special
+        tokens."""
 
     def encode_text(self, prompts: list[str], words: dict[str, WordVectors]) -> Any:
         """Conditioning for a batch of prompts with pseudo-word vectors spliced in.

@@ -20,3 +20,16 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     return CLIPTokenizer(
         str(ASSET_DIR / "vocab.json"), str(ASSET_DIR / "merges.txt"), pad_token=pad_token, model_max_length=77
     )
+
+
+def vocabulary_strings(tokenizer, size: int) -> list[str]:
+    """Each id's text for a transformers CLIP tokenizer: '</w>' dropped, special tokens ''."""
+    special = set(tokenizer.all_special_ids)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
+    return ["" if i in special or token is None else token.replace("</w>", "") for i, token in enumerate(tokens)]
+
+
+def clip_vocabulary_strings(size: int = 49408) -> list[str]:
+    """The CLIP BPE vocabulary every SD1.x, SD2.x and SDXL text encoder shares, from the pack's own files
+    (for hosts whose tokenizer is not a transformers one, e.g. OpenCLIP's in the web UIs)."""
+    return vocabulary_strings(clip_tokenizer(), size)

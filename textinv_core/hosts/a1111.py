@@ -133,6 +133,14 @@ class A1111Host:
         with torch.no_grad():
             return {key: float(m.weight.float().norm(dim=1).mean()) for key, m in self.tables.items()}
 
+    def token_table(self, key: str) -> torch.Tensor:
+        return self.tables[key].weight.detach()
+
+    def token_strings(self) -> list[str]:
+        from ..tokenizer import clip_vocabulary_strings  # every SD text encoder shares the CLIP BPE vocabulary
+
+        return clip_vocabulary_strings(next(iter(self.tables.values())).weight.shape[0])
+
     def _database(self, words: dict[str, WordVectors]):
         from modules.textual_inversion.textual_inversion import Embedding, EmbeddingDatabase
 

@@ -471,11 +471,11 @@ class ComfyHost:
 
     def token_strings(self) -> list[str]:
         """Each token id's text ('</w>' dropped, special tokens ''), from the tokenizer the encoders share."""
+        from ..tokenizer import vocabulary_strings
+
         key = sorted(self.encoders)[0]
         tokenizer = inner_tokenizers(self.clip.tokenizer)[key][1].tokenizer  # transformers' CLIPTokenizer
-        special = set(tokenizer.all_special_ids)
-        tokens = tokenizer.convert_ids_to_tokens(list(range(self._table(key).shape[0])))
-        return ["" if i in special or t is None else t.replace("</w>", "") for i, t in enumerate(tokens)]
+        return vocabulary_strings(tokenizer, self._table(key).shape[0])
 
     def encode_text(self, prompts: list[str], words: dict[str, WordVectors]) -> ComfyConditioning:
         tokenizer = tokenizer_with_words(self.clip.tokenizer, words) if words else self.clip.tokenizer

@@ -22,6 +22,7 @@ from ..families import encoder_keys
 from ..host import HostError, WordVectors
 from ..memory import device_free_bytes
 from ..model_files import check_model_path
+from ..tokenizer import vocabulary_strings
 
 log = logging.getLogger(__name__)
 MAX_TOKENS = 77
@@ -160,6 +161,13 @@ class DiffusersHost:
                 for enc in self.text_encoders
             }
         return self._table_stats
+
+    def token_table(self, key: str) -> torch.Tensor:
+        encoder = next(enc for enc in self.text_encoders if enc.key == key)
+        return encoder.model.get_input_embeddings().weight.detach()
+
+    def token_strings(self) -> list[str]:
+        return vocabulary_strings(self.text_encoders[0].tokenizer, self.token_table(self.text_encoders[0].key).shape[0])
 
     def nearest_tokens(self, vectors: WordVectors, k: int = 5) -> list[list[str]]:
         """For each vector, the k real tokens with the highest cosine similarity (first encoder)."""

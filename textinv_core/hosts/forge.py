@@ -162,6 +162,14 @@ class ForgeHost:
             return {key: float(self._token_embedding(e).wrapped.weight.float().norm(dim=1).mean())
                     for key, e in self.engines.items()}
 
+    def token_table(self, key: str) -> torch.Tensor:
+        return self._token_embedding(self.engines[key]).wrapped.weight.detach()
+
+    def token_strings(self) -> list[str]:
+        from ..tokenizer import clip_vocabulary_strings  # every SD text encoder shares the CLIP BPE vocabulary
+
+        return clip_vocabulary_strings(self.token_table(next(iter(self.engines))).shape[0])
+
     def _databases(self, words: dict[str, WordVectors]) -> list[tuple[object, str, object]]:
         from backend.text_processing.textual_inversion import Embedding, EmbeddingDatabase
 
