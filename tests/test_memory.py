@@ -63,15 +63,50 @@ class SmallCard:
         return self.free
 
 
-@pytest.mark.parametrize(("free", "mode"), [(1 << 20, "low"), (1 << 40, "fast")])
-def test_auto_recomputes_exactly_when_a_fast_step_would_not_fit(tiny_host, images, free, mode):
-    trainer = Trainer(SmallCard(tiny_host("sd1"), free), images, config(memory="auto"))
+def test_auto_recomputes_exactly_when_a_fast_step_would_not_fit(tiny_host, images):
+    from textinv_core.memory import HEADROOM
+
+    roomy = Trainer(SmallCard(tiny_host("sd1"), 1 << 40), images, config(memory="auto")).memory
+    assert roomy.mode == "fast" and roomy.low_bytes < roomy.fast_bytes
+    between = int(HEADROOM * (roomy.low_bytes + roomy.fast_bytes) / 2)  # a card with room for low only
+    trainer = Trainer(SmallCard(tiny_host("sd1"), between), images, config(memory="auto"))
     plan = trainer.memory
-    assert plan.mode == mode
-    assert plan.low_bytes < plan.fast_bytes
-    assert "free" in plan.reason and plan.summary().startswith(f"memory {mode}: auto")
+    assert plan.mode == "low" and "free" in plan.reason and plan.summary().startswith("memory low: auto")
     result = trainer.run()
     assert result.memory == plan.summary()
+
+
+def test_a_step_that_would_not_fit_even_with_recomputation_stops_before_it_starts(tiny_host, images):
+    from textinv_core.memory import MemoryShortError
+
+    with pytest.raises(MemoryShortError, match="single image even with memory=low.*lower the batch size"):
+        train(SmallCard(tiny_host("sd1"), 1 << 10), images, config(memory="auto"))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_batch_too_big_for_low_runs_in_parts_and_takes_the_same_step(tiny_host, images, masked):
+    """Room for one image of a low step but not four: the batch runs in parts whose gradients add up to
+    the whole batch's (with masks too, whose weighted mean is not a mean of equal parts)."""
+    from textinv_core.memory import HEADROOM
+
+    host = tiny_host("sd1")
+    masks = None
+    if masked:
+        masks = torch.zeros(len(images), 32, 32)
+        for i in range(len(images)):
+            masks[i, : 8 + 6 * i] = 1.0  # unequal weight per image
+    settings = dict(batch_size=4, steps=3, eval_every=3)
+    low = Trainer(SmallCard(host, 1 << 40), images, config(memory="low", **settings)).memory
+    per_image = low.low_bytes * HEADROOM / 4
+    trainer = Trainer(SmallCard(host, int(per_image * 1.5)), images, config(memory="auto", **settings), masks=masks)
+    assert trainer.memory.mode == "low" and trainer.memory.micro_batch == 1
+    assert "1 image(s) at a time" in trainer.memory.summary()
+    parts = trainer.run()
+    whole = train(host, images, config(memory="low", **settings), masks=masks)
+    for key in host.encoders:
+        # the parts add the gradient in another order: float rounding, 1e-6 of a vector of norm ~0.4
+        torch.testing.assert_close(parts.final_vectors[key], whole.final_vectors[key], rtol=0.0, atol=1e-5)
+    assert parts.train_losses == pytest.approx(whole.train_losses, rel=1e-5)
 
 
 def test_auto_without_a_free_memory_figure_keeps_the_fast_path(tiny_host, images):

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
+
 
 def device_free_bytes(device: torch.device | str) -> int | None:
     """Bytes still allocatable on `device`; None when the device does not say."""
@@ -74,9 +76,13 @@ class MemoryPlan:
     fast_bytes: float | None = None   # estimated bytes a fast step keeps for its backward pass
     low_bytes: float | None = None
     free_bytes: int | None = None
+    probe_passes: int = 0             # image-passes (forward only) the estimate cost
+    micro_batch: int | None = None    # images per forward and backward when a whole batch would not fit
+    #                                   (their gradients add up to the batch's: the same step, in parts)
 
     def summary(self) -> str:
-        return f"memory {self.mode}: {self.reason}"
+        parts = f"; the batch runs {self.micro_batch} image(s) at a time" if self.micro_batch else ""
+        return f"memory {self.mode}: {self.reason}{parts}"
 
 
 HEADROOM = 1.25  # a step also needs its largest op's temporaries on top of what it keeps
@@ -115,17 +121,48 @@ def probe_saved_bytes(host, latents: torch.Tensor, draws, words, recompute: bool
 def plan_memory(mode: str, host, latents: torch.Tensor, draws, words, latent_multiple: int) -> MemoryPlan:
     """fast / low as asked; for auto, low exactly when a fast step's estimated need exceeds what the
     device has free. The need is measured, not guessed: the bytes a training forward keeps for the
-    backward pass at three small sizes, extrapolated to the real size (a + b n + c n^2 in pixels)."""
-    if mode in ("fast", "low"):
+    backward pass at three small sizes, extrapolated to the real size (a + b n + c n^2 in pixels).
+    When even a low step would not fit, the batch runs in parts (`micro_batch` images per forward and
+    backward, the gradients summed: the same step); when not even one image fits, training stops here,
+    before its first step, with what to change."""
+    if mode == "fast":
         return MemoryPlan(mode, "as set")
     free = host.free_memory() if hasattr(host, "free_memory") else None
     if free is None:
-        return MemoryPlan("fast", "auto: the device does not report its free memory")
+        return MemoryPlan("fast" if mode == "auto" else "low",
+                          "auto: the device does not report its free memory" if mode == "auto" else "as set")
     sides = [latent_multiple * i for i in (2, 3, 4)]  # at least 2x2 at the deepest level (group norms)
     target = latents.shape[-1] * latents.shape[-2]
     areas = [s * s for s in sides]
-    fast = extrapolate(areas, probe_saved_bytes(host, latents, draws, words, False, sides), target)
+    probes = len(sides) * len(draws)
     low = extrapolate(areas, probe_saved_bytes(host, latents, draws, words, True, sides), target)
+    if low * HEADROOM > free:
+        per_image = low * HEADROOM / len(draws)  # what a step keeps grows with its images
+        micro = int(free // per_image)
+        if micro < 1:
+            raise MemoryShortError(per_image, free, _lower_memory_advice(host))
+        return MemoryPlan("low", f"{mode}: a low step of {len(draws)} images needs ~{gib(low * HEADROOM)}, "
+                          f"{gib(free)} free", None, low, free, probes, micro_batch=micro)
+    if mode == "low":
+        return MemoryPlan("low", f"as set: a step needs ~{gib(low * HEADROOM)}, {gib(free)} free", None, low,
+                          free, probes)
+    fast = extrapolate(areas, probe_saved_bytes(host, latents, draws, words, False, sides), target)
     need = f"a fast step needs ~{gib(fast * HEADROOM)}, a low one ~{gib(low * HEADROOM)}, {gib(free)} free"
     chosen = "fast" if fast * HEADROOM <= free else "low"
-    return MemoryPlan(chosen, f"auto: {need}", fast, low, free)
+    return MemoryPlan(chosen, f"auto: {need}", fast, low, free, 2 * probes)
+
+
+def _lower_memory_advice(host) -> str:
+    flag = host.lower_vram_flag() if hasattr(host, "lower_vram_flag") else None
+    if flag:
+        return f"start ComfyUI with {flag} (it keeps fewer weights on the device), or lower the batch size or " \
+               "the resolution"
+    return "lower the batch size or the resolution, or free memory used by other programs"
+
+
+class MemoryShortError(UserError):
+    """Even with recomputation a training step would not fit in the device's free memory."""
+
+    def __init__(self, need: float, free: int, advice: str):
+        super().__init__(f"A training step needs about {gib(need)} for a single image even with memory=low, and "
+                         f"the device has {gib(free)} free: {advice}.")

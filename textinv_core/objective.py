@@ -88,6 +88,24 @@ def diffusion_loss(host: Host, latents: torch.Tensor, draws: Draws, words: dict[
     return (error * w).sum() / (w.sum() * error.shape[1]).clamp_min(1e-8)
 
 
+def backward_in_parts(host: Host, latents: torch.Tensor, draws: Draws, words: dict[str, WordVectors],
+                      weights: torch.Tensor | None, part_size: int) -> float:
+    """`diffusion_loss(...).backward()` for a batch too large for one pass: each part's loss, weighted by
+    its share of the batch's mean (images, or mask weight), is backpropagated on its own, so the
+    gradients add up to the whole batch's. Returns the batch's loss."""
+    if weights is None:
+        shares = [len(draws[i:i + part_size]) / len(draws) for i in range(0, len(draws), part_size)]
+    else:
+        w = weights[draws.flips, draws.index].flatten(1).sum(1)
+        shares = [float(w[i:i + part_size].sum() / w.sum().clamp_min(1e-8)) for i in range(0, len(draws), part_size)]
+    total = 0.0
+    for share, start in zip(shares, range(0, len(draws), part_size)):
+        loss = diffusion_loss(host, latents, draws[start:start + part_size], words, weights) * share
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
 def init_pull(vectors: WordVectors, init: WordVectors) -> torch.Tensor:
     """The LDM code's optional L2 pull of v toward its initial embedding (weight 0 in the paper)."""
     return sum(((v - init[key]) ** 2).sum(-1).mean() for key, v in vectors.items())
