@@ -102,7 +102,8 @@ class TrainEmbedding:
                                     "embeddings/<name>.safetensors, typed as <name> or embedding:<name>."}),
                 "init_word": ("STRING", {"default": default("init_word"), "tooltip": "A coarse word for the "
                                          "concept ('cat', 'toy', 'painting'); the new word starts from its "
-                                         "embedding."}),
+                                         "embedding. Empty: the node searches the vocabulary for the word that "
+                                         "fits the images best (a few percent of the training's time)."}),
                 "vectors": ("INT", {"default": default("num_vectors"), "min": 1, "max": 75, "tooltip": "Tokens the "
                                     "word uses. The paper finds 1 enough; more can capture more detail but edit "
                                     "less easily."}),
@@ -122,8 +123,9 @@ class TrainEmbedding:
                                             "seed repeats a run. Kept fixed, so running the graph again does not "
                                             "retrain."}),
                 "early_stop": ("INT", {"default": default("early_stop_patience"), "min": 0, "max": 1000,
-                                       "tooltip": "Stop after this many evaluations without improvement of the "
-                                                  "evaluation loss (0 = never)."}),
+                                       "tooltip": "Stop once this many evaluations in a row show no "
+                                                  "downward trend of the evaluation loss beyond its scatter (0 = "
+                                                  "never). The best word so far is what is saved."}),
                 "save_every": ("INT", {"default": default("snapshot_every"), "min": 0, "max": 100000,
                                        "tooltip": "Write a snapshot to output/textinv/<name>/ every N steps (0 = "
                                                   "only on cancel and at the end)."}),

@@ -138,8 +138,8 @@ def on_ui_tabs():
         with gr.Row(equal_height=False):
             with gr.Column(elem_id="textinv_settings"):
                 name = gr.Textbox(label="Name (the word you will type)", placeholder="my-cat", elem_id="textinv_name")
-                init_word = gr.Textbox(label="Init word (what it is, coarsely)", value=default("init_word"),
-                                       elem_id="textinv_init_word")
+                init_word = gr.Textbox(label="Init word (what it is, coarsely; empty: textinv finds one)",
+                                       value=default("init_word"), elem_id="textinv_init_word")
                 with gr.Row():
                     num_vectors = gr.Number(label="Vectors", value=default("num_vectors"), precision=0)
                     steps = gr.Number(label="Steps", value=default("steps"), precision=0, elem_id="textinv_steps")

@@ -33,12 +33,13 @@ class TrainConfig:
     """Hyper-parameters with the paper's meaning; defaults follow the paper scaled to one GPU."""
 
     name: str
-    init_word: str = "object"          # coarse descriptor the vectors start from ("cat", "toy", ...)
+    init_word: str = ""                # coarse descriptor the vectors start from ("cat", "toy", ...);
+    #                                    empty: the engine searches the vocabulary for one (start.find_start)
     num_vectors: int = 1               # k; the paper finds 1 enough for most concepts
-    steps: int = 500
+    steps: int = 1000                  # at most: early stopping usually ends the run well before
     learning_rate: float = 5e-3        # paper's base LR; multiplied by batch size when scale_lr
     scale_lr: bool = True              # paper: LR = base x GPUs x batch
-    batch_size: int = 1
+    batch_size: int = 4                # paper: 4 per GPU; "auto" memory recomputes activations when it must
     resolution: int = 512              # pixels; must be a multiple of the host's latent factor
     templates: str = "object"          # "object" | "style" | "captions"
     captions: list[str] | None = None  # one per image with "{}" for the word, when templates="captions"
@@ -46,15 +47,16 @@ class TrainConfig:
     flip: bool = True                  # random horizontal flip (paper)
     weight_decay: float = 0.0          # AdamW decay on the new vectors only
     init_pull: float = 0.0             # LDM code's L2 pull toward the init embedding (0 = off)
-    max_norm_ratio: float = 0.0        # cap ||v|| at this x the mean real-token norm (0 = off)
+    max_norm_ratio: float = 1.5        # cap ||v|| at this x the start word's norm (0 = off): a word far longer
+    #                                    than real ones drowns the rest of the prompt
     progressive_steps: tuple[int, ...] = ()  # steps at which one more vector joins (paper: 2000, 4000)
     per_image_tokens: bool = False     # "a photo of S* with S_i": one extra, unsaved token per image
     timestep_range: tuple[float, float] = (0.0, 1.0)  # share of the noise schedule drawn; high noise is where
     #                                    the prompt decides what appears, low noise mostly fits pixel noise
-    eval_every: int = 50               # steps between evaluations on the fixed draws
+    eval_every: int = 25               # steps between evaluations on the fixed draws
     eval_draws: int = 16               # fixed (image, noise, t) draws of the evaluation set
-    early_stop_patience: int = 0       # evaluations without improvement before stopping (0 = off)
-    early_stop_min_delta: float = 0.01  # relative improvement that counts
+    early_stop_patience: int = 6       # stop once the last this-many evaluations show no trend beyond their
+    #                                    scatter (evaluation.stopped_improving); 0 = off, at least 3 to act
     snapshot_every: int = 100          # steps between snapshots (an interrupt, a NaN and the end always keep one)
     preview_every: int = 100           # steps between preview images (0 = off); each is one 20-step sampling
     preview_prompt: str = ""           # "{}" marks the word; default: the evaluation template
@@ -87,7 +89,7 @@ class TrainConfig:
         if self.batch_size < 1:
             raise TrainingError(f"{say('batch_size')} must be at least 1 (got {self.batch_size}).")
         if not 8 <= self.resolution <= 8192:
-            raise TrainingError(f"{say('resolution')} must be a size in pixels from 8 to 8192, such as 512 "
+            raise TrainingError(f"{say('resolution')} must be from 8 to 8192 pixels, a multiple of 8 such as 512 "
                                 f"(got {self.resolution}).")
         if not -(2 ** 63) <= self.seed < 2 ** 63:
             raise TrainingError(f"{say('seed')} must be below 2**63 in size (got {self.seed}).")

@@ -2,7 +2,7 @@
 
 The training loss is noisy (a new image, noise and timestep every step); the loss on fixed
 (image, noise, timestep) draws is not, so it decides which vectors are kept (the best ones) and when
-training stops early (DVAR, Voronov et al. 2023, stops on the same kind of fixed-draw loss). The
+training stops early (`stopped_improving`; DVAR, Voronov et al. 2023, stops on the same loss). The
 draws are stratified over the timesteps and seeded apart from training, so any two sets of vectors
 can be compared on them without building a trainer (the benchmark's restarts do).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .host import Host, WordVectors
@@ -44,10 +45,12 @@ def evaluation_draws(count: int, image_count: int, latent_shape: torch.Size, tim
     return Draws(index, torch.zeros_like(index), steps, noise, prompts_for(index))
 
 
-def draws_for_run(config, image_count: int, latent_shape: torch.Size, num_timesteps: int) -> Draws:
-    """The evaluation draws of a run with this TrainConfig: the same for every run with its seed."""
+def draws_for_run(config, image_count: int, latent_shape: torch.Size, num_timesteps: int,
+                  count: int | None = None) -> Draws:
+    """The evaluation draws of a run with this TrainConfig: the same for every run with its seed
+    (`count` of them, by default the config's `eval_draws`)."""
     return evaluation_draws(
-        config.eval_draws, image_count, latent_shape, timestep_bounds(num_timesteps, config.timestep_range),
+        count or config.eval_draws, image_count, latent_shape, timestep_bounds(num_timesteps, config.timestep_range),
         prompts_for=lambda index: evaluation_prompts(config.templates, config.placeholder, config.name,
                                                      config.captions, index),
         seed=config.seed)
@@ -64,22 +67,36 @@ def evaluate(host: Host, latents: torch.Tensor, draws: Draws, words: dict[str, W
     return total / len(draws)
 
 
+def stopped_improving(losses: list[float], window: int, tolerance: float = 0.002) -> bool:
+    """Has the word stopped improving? Over the last `window` evaluation losses, the drop that the
+    least-squares trend makes across the window is not significant: within two standard errors of
+    zero given the losses' scatter around the trend (or below `tolerance` of the loss). What is left
+    is noise, not learning.
+
+    DVAR (Voronov et al. 2023) stops when the fixed-draw loss's recent variance is small against its
+    variance over the run; that also stops a loss that is still falling steadily once the run is long.
+    Testing the recent trend against the recent scatter stops a flat loss and lets a falling one go on.
+    """
+    if window < 3 or len(losses) < window:
+        return False
+    recent = np.asarray(losses[-window:], dtype=np.float64)
+    steps = np.arange(window, dtype=np.float64)
+    slope, intercept = np.polyfit(steps, recent, 1)
+    scatter = float(np.std(recent - (slope * steps + intercept), ddof=2)) if window > 3 else 0.0
+    drop = -slope * (window - 1)
+    standard_error = scatter * (window - 1) / float(np.sqrt(((steps - steps.mean()) ** 2).sum()))
+    return drop <= max(2.0 * standard_error, tolerance * float(np.abs(recent).mean()))
+
+
 @dataclass
 class BestSoFar:
-    """The best evaluation loss seen, its step and vectors, and how many evaluations since it improved
-    by the relative margin `min_delta` (early stopping's patience counter)."""
+    """The best evaluation loss seen, its step and vectors: the vectors a run returns."""
 
-    min_delta: float = 0.01
     loss: float = math.inf
     step: int = 0
     vectors: dict[str, torch.Tensor] = field(default_factory=dict)
-    stale: int = 0
 
     def update(self, step: int, loss: float, vectors: WordVectors) -> None:
-        self.stale = 0 if loss < self.loss * (1 - self.min_delta) else self.stale + 1
         if loss < self.loss:
             self.loss, self.step = loss, step
             self.vectors = {k: v.detach().clone() for k, v in vectors.items()}
-
-    def patience_spent(self, patience: int) -> bool:
-        return bool(patience) and self.stale >= patience

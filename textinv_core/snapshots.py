@@ -130,7 +130,7 @@ def state_meta(trainer, stopped: str = "") -> dict:
     return {"step": trainer.step, "config": asdict(trainer.config), "fingerprint": trainer.fingerprint,
             "train_losses": list(trainer.train_losses), "eval_losses": list(trainer.eval_losses),
             "best_loss": best.loss if math.isfinite(best.loss) else None, "best_step": best.step,
-            "stale_evals": best.stale, "stopped": stopped}
+            "stopped": stopped}
 
 
 def apply_state(trainer, state: dict[str, torch.Tensor], meta: dict) -> None:
@@ -149,7 +149,7 @@ def apply_state(trainer, state: dict[str, torch.Tensor], meta: dict) -> None:
     trainer.train_losses = list(meta["train_losses"])
     trainer.eval_losses = [tuple(e) for e in meta["eval_losses"]]
     trainer.best.loss = meta["best_loss"] if meta["best_loss"] is not None else math.inf
-    trainer.best.step, trainer.best.stale = meta["best_step"], meta["stale_evals"]
+    trainer.best.step = meta["best_step"]
     trainer.best.vectors = {k: state[f"best.{k}"].to(trainer.host.device) for k in trainer.vectors}
 
 
@@ -171,7 +171,7 @@ class Rollback:
 
     def keep(self, trainer) -> None:
         meta = {"step": trainer.step, "train_losses": (), "eval_losses": (), "best_loss": None,
-                "best_step": trainer.best.step, "stale_evals": trainer.best.stale}
+                "best_step": trainer.best.step}
         counts = (len(trainer.train_losses), len(trainer.eval_losses), trainer.best.loss)
         self.before_last, self.last = self.last, (state_tensors(trainer, device=None), meta, counts)
 

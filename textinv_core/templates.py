@@ -53,3 +53,27 @@ def fill_caption(caption: str, placeholder: str, name: str) -> str:
         if form in caption:
             return caption.replace(form, placeholder)
     return f"{placeholder}, {caption}" if caption.strip() else placeholder
+
+
+def image_placeholder(name: str, index: int) -> str:
+    """The per-image token of image `index` ("a photo of S* with S_i"): trained, never saved."""
+    return f"<{name}-image-{index}>"
+
+
+def training_prompt(config, image_index: int, template_index: int, image_tokens: bool = False) -> str:
+    """The prompt y of one draw: the image's caption, or a neutral template of the config's set (with the
+    image's own token when per-image tokens are on)."""
+    if config.templates == "captions":
+        return fill_caption(config.captions[image_index], config.placeholder, config.name)
+    if image_tokens:
+        templates = IMAGE_TOKEN_SETS[config.templates]
+        return templates[template_index % len(templates)].format(config.placeholder,
+                                                                 image_placeholder(config.name, image_index))
+    templates = TEMPLATE_SETS[config.templates]
+    return templates[template_index % len(templates)].format(config.placeholder)
+
+
+def preview_prompt(config) -> str:
+    """What previews show: the config's preview prompt, else the evaluation template, with the word."""
+    template = config.preview_prompt or EVAL_TEMPLATE.get(config.templates, "a photo of a {}")
+    return template.replace("{}", config.placeholder)

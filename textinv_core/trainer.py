@@ -15,19 +15,27 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .config import PREVIEW_GUIDANCE, PREVIEW_STEPS, TrainConfig, TrainingError
 from .data import as_pil_list, images_fingerprint, masks_to_tensor, pixels_from_images
-from .evaluation import BestSoFar, draws_for_run, evaluate
+from .evaluation import BestSoFar, draws_for_run, evaluate, stopped_improving
 from .host import Host, WordVectors
 from .memory import MemoryPlan, plan_memory
-from .objective import diffusion_loss, draw_batch, encode_latents, init_pull, project, timestep_bounds
+from .objective import (
+    backward_in_parts,
+    diffusion_loss,
+    draw_batch,
+    encode_latents,
+    init_pull,
+    project,
+    timestep_bounds,
+)
 from .observer import TrainingObserver
 from .recompute import recomputed
 from .snapshots import STOPPED_BY_NAN, Rollback, load_state, write_snapshot
-from .templates import EVAL_TEMPLATE, IMAGE_TOKEN_SETS, TEMPLATE_SETS, fill_caption
+from .start import GRADIENT_DRAWS, SCREEN_DRAWS, find_start, spread_init, word_start
+from .templates import image_placeholder, preview_prompt, training_prompt
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingError", "TrainingObserver", "spread_init", "train"]
 log = logging.getLogger(__name__)
@@ -44,30 +52,12 @@ class TrainResult:
     best_step: int
     steps_run: int
     stopped_reason: str                # "completed" | "early_stop" | "cancelled"
-    init_word: str = ""
+    init_word: str = ""                # the word the vectors started from (found by the engine when none was given)
+    start_passes: int = 0              # image-passes spent finding that word (0 when it was given)
     memory: str = ""                   # the memory mode used and why
     train_losses: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     snapshot_path: Path | None = None
-
-
-def spread_init(tokens: torch.Tensor, k: int) -> torch.Tensor:
-    """k vectors from an init word of n tokens: equal -> as is; more -> averaged groups; fewer -> cycled."""
-    n = tokens.shape[0]
-    if n == k:
-        return tokens.clone()
-    if n > k:
-        groups = np.array_split(np.arange(n), k)
-        return torch.stack([tokens[list(g)].mean(0) for g in groups])
-    return torch.stack([tokens[i % n] for i in range(k)])
-
-
-def init_vectors(host: Host, init_word: str, k: int) -> WordVectors:
-    """The paper's start: the embedding of a coarse descriptor word, spread over k vectors."""
-    tokens = host.word_vectors(init_word)
-    if any(t.shape[0] == 0 for t in tokens.values()):
-        raise TrainingError(f"The init word {init_word!r} tokenizes to nothing: give a real word such as 'cat'.")
-    return {key: spread_init(t, k) for key, t in tokens.items()}
 
 
 class Trainer:
@@ -95,7 +85,13 @@ class Trainer:
             small = torch.nn.functional.interpolate(masks_to_tensor(masks, self.count, config.resolution),
                                                     size=self.latents.shape[-2:], mode="area")
             self.weights = torch.stack([small, small.flip(-1)]).to(host.device)
-        self.init = {k: v.to(host.device) for k, v in init_vectors(host, config.init_word, config.num_vectors).items()}
+        self.timesteps = timestep_bounds(host.num_timesteps, config.timestep_range)
+        self.eval_set = draws_for_run(config, self.count, self.latents.shape[2:], host.num_timesteps)
+        self.memory = self._plan_memory()
+        self.recompute_blocks = host.recompute_blocks() if self.memory.mode == "low" else []
+        log.info("textinv: %s", self.memory.summary())
+        self.init_word, self.start_passes, init = self._start()
+        self.init = {k: v.to(host.device) for k, v in init.items()}
         self.vectors = {k: torch.nn.Parameter(v.clone()) for k, v in self.init.items()}
         self.image_vectors: dict[str, torch.nn.Parameter] = {}
         if config.per_image_tokens:
@@ -104,26 +100,39 @@ class Trainer:
         params = list(self.vectors.values()) + list(self.image_vectors.values())
         self.optimizer = torch.optim.AdamW(params, lr=config.effective_lr, weight_decay=config.weight_decay)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.timesteps = timestep_bounds(host.num_timesteps, config.timestep_range)
-        self.eval_set = draws_for_run(config, self.count, self.latents.shape[2:], host.num_timesteps)
         self.step = 0
         self.train_losses: list[float] = []
         self.eval_losses: list[tuple[int, float]] = []
-        self.best = BestSoFar(config.early_stop_min_delta, vectors={k: v.clone() for k, v in self.init.items()})
+        self.best = BestSoFar(vectors={k: v.clone() for k, v in self.init.items()})
         self.last_snapshot: Path | None = None
-        norms = host.token_table_stats()
-        self.max_norm = {k: config.max_norm_ratio * norms[k] for k in self.vectors} if config.max_norm_ratio else {}
-        self.memory = self._plan_memory()
-        self.recompute_blocks = host.recompute_blocks() if self.memory.mode == "low" else []
-        log.info("textinv: %s", self.memory.summary())
+        self.max_norm = {k: config.max_norm_ratio * float(v.norm(dim=1).mean()) for k, v in self.init.items()} \
+            if config.max_norm_ratio else {}
+
+    def _probe_draws(self, count: int):
+        """Training-like draws from a generator of their own: planning never moves training's RNG."""
+        return draw_batch(torch.Generator().manual_seed(0), count, self.count, self.latents.shape[2:],
+                          self.timesteps, lambda i, t: training_prompt(self.config, i, t), flip=self.config.flip)
 
     def _plan_memory(self) -> MemoryPlan:
-        """fast or low; for auto, probed on a batch drawn apart from training (its generator is untouched)."""
+        """fast or low; for auto, probed on a batch of the run's size with placeholder vectors of its shape."""
         cfg = self.config
-        probe = draw_batch(torch.Generator().manual_seed(0), cfg.batch_size, self.count, self.latents.shape[2:],
-                           self.timesteps, self.prompt_for, flip=cfg.flip)
+        shape_only = {cfg.placeholder: {k: torch.zeros(cfg.num_vectors, w, device=self.host.device,
+                                                    requires_grad=True) for k, w in self.host.encoders.items()}}
         latent_multiple = max(1, self.host.pixel_multiple * self.latents.shape[-1] // cfg.resolution)
-        return plan_memory(cfg.memory, self.host, self.latents, probe, self.words(0), latent_multiple)
+        return plan_memory(cfg.memory, self.host, self.latents, self._probe_draws(cfg.batch_size), shape_only,
+                           latent_multiple)
+
+    def _start(self) -> tuple[str, int, WordVectors]:
+        """(word, image-passes spent, k start vectors): the given init word, or the one the engine finds."""
+        cfg = self.config
+        if cfg.init_word.strip():
+            return cfg.init_word, 0, word_start(self.host, cfg.init_word, cfg.num_vectors)
+        with recomputed(self.recompute_blocks):
+            screen = draws_for_run(cfg, self.count, self.latents.shape[2:], self.host.num_timesteps, SCREEN_DRAWS)
+            found = find_start(self.host, self.latents, self._probe_draws(GRADIENT_DRAWS), screen, cfg.placeholder,
+                               self.weights, chunk=self.memory.micro_batch or cfg.batch_size)
+        log.info("textinv: starting from %r, found in %d image-passes", found.word, found.passes)
+        return found.word, found.passes, {k: spread_init(v, cfg.num_vectors) for k, v in found.vectors.items()}
 
     # -- prompts -------------------------------------------------------------------------------
     def active_count(self, step: int) -> int:
@@ -138,17 +147,10 @@ class Trainer:
         return words
 
     def image_placeholder(self, index: int) -> str:
-        return f"<{self.config.name}-image-{index}>"
+        return image_placeholder(self.config.name, index)
 
     def prompt_for(self, image_index: int, template_index: int) -> str:
-        cfg = self.config
-        if cfg.templates == "captions":
-            return fill_caption(cfg.captions[image_index], cfg.placeholder, cfg.name)
-        if self.image_vectors:
-            template = IMAGE_TOKEN_SETS[cfg.templates][template_index % len(IMAGE_TOKEN_SETS[cfg.templates])]
-            return template.format(cfg.placeholder, self.image_placeholder(image_index))
-        templates = TEMPLATE_SETS[cfg.templates]
-        return templates[template_index % len(templates)].format(cfg.placeholder)
+        return training_prompt(self.config, image_index, template_index, image_tokens=self.config.per_image_tokens)
 
     # -- one step and one evaluation -----------------------------------------------------------
     def train_step(self) -> float:
@@ -156,15 +158,23 @@ class Trainer:
         cfg = self.config
         draws = draw_batch(self.generator, cfg.batch_size, self.count, self.latents.shape[2:], self.timesteps,
                            self.prompt_for, flip=cfg.flip)
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = self.memory.micro_batch
         with recomputed(self.recompute_blocks):
-            loss = diffusion_loss(self.host, self.latents, draws, self.words(self.step), self.weights)
-        if cfg.init_pull:
-            loss = loss + cfg.init_pull * init_pull(self.vectors, self.init)
-        value = float(loss.detach())
+            if micro and micro < len(draws):  # the same step, in parts that fit (memory.plan_memory)
+                value = backward_in_parts(self.host, self.latents, draws, self.words(self.step), self.weights, micro)
+                loss = cfg.init_pull * init_pull(self.vectors, self.init) if cfg.init_pull else None
+            else:
+                loss = diffusion_loss(self.host, self.latents, draws, self.words(self.step), self.weights)
+                if cfg.init_pull:
+                    loss = loss + cfg.init_pull * init_pull(self.vectors, self.init)
+                value = 0.0
+        if loss is not None:
+            value += float(loss.detach())
         if not math.isfinite(value):
             return value
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss is not None:
+            loss.backward()
         self.optimizer.step()
         project(self.vectors, self.init, self.active_count(self.step), self.max_norm)
         self.step += 1
@@ -217,7 +227,8 @@ class Trainer:
             final_vectors={k: v.detach().cpu().clone() for k, v in self.vectors.items()},
             init_eval_loss=self.eval_losses[0][1], final_eval_loss=self.eval_losses[-1][1],
             best_eval_loss=self.best.loss, best_step=self.best.step, steps_run=self.step, stopped_reason=reason,
-            init_word=cfg.init_word, memory=self.memory.summary(), train_losses=list(self.train_losses),
+            init_word=self.init_word, start_passes=self.start_passes, memory=self.memory.summary(),
+            train_losses=list(self.train_losses),
             eval_losses=list(self.eval_losses),
             snapshot_path=self.last_snapshot,
         )
@@ -240,13 +251,12 @@ class Trainer:
         self.eval_losses.append((self.step, value))
         self.observer.on_eval(self.step, value)
         self.best.update(self.step, value, self.vectors)
-        return self.best.patience_spent(self.config.early_stop_patience)
+        return stopped_improving([loss for _, loss in self.eval_losses], self.config.early_stop_patience)
 
     def preview(self):
         """One image of the word as it stands, sampled by the host; a failed preview never ends training."""
         cfg = self.config
-        prompt = (cfg.preview_prompt or EVAL_TEMPLATE.get(cfg.templates, "a photo of a {}")).replace("{}",
-                                                                                                     cfg.placeholder)
+        prompt = preview_prompt(cfg)
         words = {cfg.placeholder: {k: v.detach() for k, v in self.words(self.step)[cfg.placeholder].items()}}
         try:
             with torch.no_grad():
