@@ -56,9 +56,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--preview-every", type=int, default=d("preview_every"),
       help="steps between preview PNGs in the snapshot folder (0: off)")
     a("--early-stop", type=int, default=d("early_stop_patience"),
-      help="stop after this many evaluations without improvement (0: off)")
+      help="stop once this many evaluations in a row show no downward trend beyond their scatter (0: off)")
     a("--max-norm", type=float, default=d("max_norm_ratio"),
-      help="cap each vector's norm at this x the mean word norm (0: off)")
+      help="cap each vector's norm at this x the start word's norm, so the word composes (0: off)")
     a("--init-pull", type=float, default=d("init_pull"), help="L2 pull toward the init word (paper's LDM code; 0: off)")
     a("--progressive", default="", help="comma-separated steps where one more vector joins, e.g. 2000,4000")
     a("--per-image-tokens", action="store_true", help="'a photo of S* with S_i' (paper's extension)")
@@ -299,6 +299,12 @@ def bench_quality_command(args: argparse.Namespace) -> int:
     return run_quality(args)
 
 
+def bench_speed_command(args: argparse.Namespace) -> int:
+    from .toyworld.speed import run_speed_command
+
+    return run_speed_command(args)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line too (the usage is one --help away)."""
 
@@ -329,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_quality_arguments(quality)
     quality.set_defaults(func=bench_quality_command)
+    speed = bench.add_parser("speed", help="toy world: time to a good word, the defaults against the anchors' recipes")
+    from .toyworld.speed import add_speed_arguments
+
+    add_speed_arguments(speed)
+    speed.set_defaults(func=bench_speed_command)
     return parser
 
 

@@ -31,38 +31,34 @@ RECON_TEMPLATE = "a photo of a {}"
 
 @dataclass
 class QualityConfig:
-    """Benchmark settings; 32 samples give a standard error of about 0.08 per cell and seed."""
+    """Benchmark settings. The inversion runs with the engine's defaults (what a user gets by pressing
+    Queue); `settings` holds the TrainConfig fields a run overrides, and every override is printed as a
+    tuned setting. 64 samples give a standard error of about 0.06 per cell and seed."""
 
     concept: dict[str, str]
     model: Path | None = None        # diffusers folder; None = the committed toy model
     out: Path = Path("textinv-bench-quality")
     samples: int = 64                # of "a photo of a S*" per condition and seed (reconstruction)
-    edit_samples: int = 16           # per edit prompt, condition and seed (five edits make editability)
+    edit_samples: int = 16           # per edit prompt, condition and seed (six edits make editability)
     seeds: tuple[int, ...] = (0,)    # inversion + sampling seeds; the spread across them is reported
     vectors: tuple[int, ...] = (1, 2, 4)
-    init_word: str | None = None     # None: the concept's shape (see `start_word`)
-    steps: int = 400                 # inversion step budget; the vectors kept are the best by evaluation loss
-    learning_rate: float = 2e-2      # 5e-3 left colour or shape unlearned within 400 steps on this model
-    batch_size: int = 8
-    early_stop_patience: int = 0     # evaluations (every 25 steps) without 1% improvement; 0 = run every step
-    eval_draws: int = 64             # fixed evaluation draws: enough that early stopping is not noise
-    timestep_range: tuple[float, float] = (0.0, 1.0)  # share of the noise schedule the inversion draws
-    restarts: int = 2                # inversions per word (other training seeds); the lowest evaluation loss wins
+    settings: dict = field(default_factory=dict)  # TrainConfig overrides (tuned settings); {} = the defaults
+    restarts: int = 1                # inversions per word (other training seeds); the lowest evaluation loss wins
     images: int = 5
     sample_steps: int = DEFAULT_STEPS  # DDIM steps
     guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance scale
-    extra: dict = field(default_factory=dict)
 
-    def start_word(self) -> str:
-        """The init word: the paper starts from a coarse descriptor of what the thing is ("cat",
-        "sculpture") and learns what no word says. Here the shape says what it is; the colour and
-        pattern of a held-out concept are what no single word names. From a word that names no
-        attribute ("object"), one vector settled with the colour and pattern and no shape (README)."""
-        return self.init_word or self.concept["shape"]
+    def tuned(self) -> str:
+        """The settings that differ from the engine's defaults, as a line for the report."""
+        parts = [f"{k}={v}" for k, v in sorted(self.settings.items())]
+        if self.restarts != 1:
+            parts.append(f"restarts={self.restarts}")
+        return "tuned: " + ", ".join(parts) if parts else "the engine's defaults, nothing tuned"
 
 
 def edits_for(concept: dict[str, str]) -> list[Edit]:
-    """Backgrounds and sizes (the editability score) plus a recolour (harder, reported apart)."""
+    """Backgrounds and sizes; with `recolour_for`, the edits whose mean is editability (the recolour,
+    the hardest, is also reported apart)."""
     edits = [Edit(f"a photo of a {{}} on a {bg} background", "background", bg) for bg in world.BACKGROUNDS]
     edits += [Edit(f"a photo of a {size} {{}}", "size", size) for size in world.SIZES]
     return edits
@@ -88,15 +84,13 @@ class Condition:
 
 
 def inversion_config(cfg: QualityConfig, image_count: int, name: str, k: int = 1, seed: int = 0):
-    """The engine's TrainConfig for one toy-world inversion with the benchmark's settings (the demo's too)."""
+    """The engine's TrainConfig for one toy-world inversion: the defaults, the toy world's data and size,
+    and the benchmark's overrides (the demo's too)."""
     from ..trainer import TrainConfig
 
-    return TrainConfig(
-        name=name, init_word=cfg.start_word(), num_vectors=k, steps=cfg.steps, learning_rate=cfg.learning_rate,
-        scale_lr=False, batch_size=cfg.batch_size, resolution=world.SIZE, templates="captions",
-        captions=[RECON_TEMPLATE] * image_count, seed=seed, flip=True, eval_every=25, eval_draws=cfg.eval_draws,
-        early_stop_patience=cfg.early_stop_patience, timestep_range=cfg.timestep_range, preview_every=0,
-    )
+    return TrainConfig(name=name, num_vectors=k, resolution=world.SIZE, templates="captions",
+                       captions=[RECON_TEMPLATE] * image_count, seed=seed, preview_every=0, snapshot_every=0,
+                       **cfg.settings)
 
 
 def invert(host, images, concept_seed: int, k: int, cfg: QualityConfig):
@@ -142,17 +136,19 @@ def random_vector(host, seed: int) -> dict[str, torch.Tensor]:
 
 def conditions_for(host, images, concept: dict[str, str], seed: int, cfg: QualityConfig) -> list[Condition]:
     caption = f"{concept['colour']} {concept['pattern']} {concept['shape']}"
-    rows = []
+    rows, results = [], []
     for k in cfg.vectors:
         start = time.time()
         placeholder, result = invert(host, images, seed, k, cfg)
+        results.append(result)
         norms = [f"{float(n):.2f}" for v in result.vectors.values() for n in v.norm(dim=1)]
         log.info("k=%d: eval loss %.4f -> %.4f, %d steps (%s) in %.0f s; vector norms %s", k, result.init_eval_loss,
                  result.best_eval_loss, result.steps_run, result.stopped_reason, time.time() - start, norms)
         rows.append(Condition(f"learned k={k}", placeholder, {placeholder: result.vectors},
                               steps_run=result.steps_run, best_step=result.best_step,
                               stopped_reason=result.stopped_reason))
-    rows.append(Condition(f"init word '{cfg.start_word()}'", cfg.start_word(), {}))
+    start = results[0].init_word
+    rows.append(Condition(f"init word '{start}'", start, {}))
     rows.append(Condition("human caption", caption, {},
                           recolour_phrase=f"{concept['pattern']} {concept['shape']}"))
     rows.append(Condition("random vector", "<random>", {"<random>": random_vector(host, seed)}))
@@ -176,8 +172,9 @@ def measure(host, condition: Condition, concept: dict[str, str], seed: int, cfg:
         out["examples"][edit.label] = group[:2]
     out["recolour"] = editability(groups[-1], recolour, concept)
     out["examples"]["recolour"] = groups[-1][:2]
-    out["edit"] = sum(e["edit"] for e in out["edits"].values()) / len(out["edits"])
-    out["preserved"] = sum(e["preserved"] for e in out["edits"].values()) / len(out["edits"])
+    every = [*out["edits"].values(), out["recolour"]]  # editability includes the recolour
+    out["edit"] = sum(e["edit"] for e in every) / len(every)
+    out["preserved"] = sum(e["preserved"] for e in every) / len(every)
     return out
 
 
@@ -276,25 +273,31 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seeds", default="0", help="comma-separated seeds (training images, inversion, sampling); "
       "the spread across them is reported")
     a("--vectors", default="1,2,4", help="comma-separated vector counts k to learn")
-    a("--init-word", default=None, help="the word the vectors start from, also a baseline row (default: the "
-      "concept's shape, the coarse descriptor of what the thing is)")
-    a("--steps", type=int, default=400, help="inversion step budget")
-    a("--early-stop", type=int, default=0, help="stop after this many evaluations (every 25 steps) without 1%% "
-      "improvement (0 = never)")
-    a("--lr", type=float, default=2e-2, help="inversion learning rate (not scaled by batch)")
-    a("--restarts", type=int, default=2, help="inversions per word from the same init word with other seeds; "
-      "the one with the lowest evaluation loss is kept")
+    tuned = "a tuned setting (default: the engine's, what a user gets); printed as tuned"
+    a("--init-word", default=None, help=f"the word the vectors start from; {tuned}")
+    a("--steps", type=int, default=None, help=f"inversion step budget; {tuned}")
+    a("--lr", type=float, default=None, help=f"base learning rate; {tuned}")
+    a("--batch", type=int, default=None, help=f"batch size; {tuned}")
+    a("--early-stop", type=int, default=None, help=f"early-stopping window in evaluations (0 = off); {tuned}")
+    a("--max-norm", type=float, default=None, help=f"norm cap as a multiple of the start word's norm; {tuned}")
+    a("--restarts", type=int, default=1, help="inversions per word with other seeds; the one with the lowest "
+      "evaluation loss is kept (more than 1 is a tuned setting)")
     a("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale for every sample")
 
 
+FLAG_SETTINGS = {"init_word": "init_word", "steps": "steps", "lr": "learning_rate", "batch": "batch_size",
+                 "early_stop": "early_stop_patience", "max_norm": "max_norm_ratio"}
+
+
 def config_from_args(args: argparse.Namespace) -> QualityConfig:
+    settings = {field_name: getattr(args, flag) for flag, field_name in FLAG_SETTINGS.items()
+                if getattr(args, flag) is not None}
     return QualityConfig(
         concept=world.parse_concept(args.concept), model=Path(args.model) if args.model else None,
         out=Path(args.out), samples=args.samples, edit_samples=args.edit_samples,
         seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
-        vectors=tuple(int(k) for k in args.vectors.split(",") if k.strip()), init_word=args.init_word,
-        steps=args.steps, learning_rate=args.lr, guidance=args.guidance, early_stop_patience=args.early_stop,
-        restarts=args.restarts,
+        vectors=tuple(int(k) for k in args.vectors.split(",") if k.strip()), settings=settings,
+        guidance=args.guidance, restarts=args.restarts,
     )
 
 
@@ -304,12 +307,13 @@ def run_quality(args: argparse.Namespace) -> int:
     if cfg.samples < 1 or cfg.edit_samples < 1 or not cfg.seeds or not cfg.vectors or min(cfg.vectors) < 1:
         raise UserError("--samples, --edit-samples, --seeds and --vectors must each give at least one value "
                          "(vector counts of 1 or more).")
-    if cfg.steps < 1 or cfg.restarts < 1:
-        raise UserError(f"--steps and --restarts must be at least 1 (got {cfg.steps} and {cfg.restarts}).")
+    if cfg.restarts < 1:
+        raise UserError(f"--restarts must be at least 1 (got {cfg.restarts}).")
     start = time.time()
     summary = run_benchmark(cfg)
     print(f"concept {args.concept}: {len(cfg.seeds)} seed(s) x {cfg.samples} reconstruction and "
           f"{cfg.edit_samples} x {len(edits_for(cfg.concept))} edit samples per condition, {time.time() - start:.0f} s")
+    print(f"inversion settings: {cfg.tuned()}")
     print(format_table(summary))
     print(verdict(summary))
     print(f"wrote {cfg.out / 'grid.png'}, {cfg.out / 'scatter.png'}, {cfg.out / 'results.json'}")

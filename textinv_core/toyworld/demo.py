@@ -1,8 +1,8 @@
 """`textinv demo` on the toy world: a new user watches a word being learned and can see that it worked.
 
 Renders 5 images of a concept the toy model never saw (a green striped triangle), learns a pseudo-word
-for it with the engine from the benchmark's init word (the shape, "triangle"), and writes a before/after
-grid (the init word's samples above, the learned word's below) with the scorer's reconstruction for each.
+for it with the engine's defaults (it finds its own start word), and writes a before/after grid (the start
+word's samples above, the learned word's below) with the scorer's reconstruction for each.
 """
 
 from __future__ import annotations
@@ -36,20 +36,18 @@ def run_demo(out: Path, steps: int | None = None, concept: str = DEMO_CONCEPT, m
     images = [world.render(s) for s in world.concept_images(parsed, count=5, seed=0)]
     for i, image in enumerate(images):
         image.save(out / f"train-{i}.png")
-    settings = QualityConfig(concept=parsed)  # the quality benchmark's inversion settings
-    if steps:
-        settings.steps = steps
+    settings = QualityConfig(concept=parsed, settings={"steps": steps} if steps else {})  # the defaults
     config = inversion_config(settings, len(images), "toy-demo")
     result = train(host, images, config)
     embedding = out / "toy-demo.safetensors"
     save_embedding(embedding, result.vectors, config.name, overwrite=True,
                    metadata=training_metadata(host.family, config, result))
     loss_curve_image(result.train_losses, result.eval_losses, title="toy-demo").save(out / "loss.png")
-    before = sample(host, f"a photo of a {config.init_word}", count=samples, seed=1)
+    before = sample(host, f"a photo of a {result.init_word}", count=samples, seed=1)
     after = sample(host, f"a photo of a {config.placeholder}", {config.placeholder: result.vectors},
                    count=samples, seed=1)
     scores = {"before": reconstruction(before, parsed)["graded"], "after": reconstruction(after, parsed)["graded"]}
-    image_grid([("training images", images), (f"before: {config.init_word} {scores['before']:.2f}", before),
+    image_grid([("training images", images), (f"before: {result.init_word} {scores['before']:.2f}", before),
                 (f"after: learned {scores['after']:.2f}", after)], label_width=170).save(out / "before_after.png")
     log.info("eval loss %.4f -> %.4f; reconstruction %.2f -> %.2f", result.init_eval_loss, result.best_eval_loss,
              scores["before"], scores["after"])
