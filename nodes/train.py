@@ -194,7 +194,7 @@ class TrainEmbedding:
         with torch.inference_mode(False), torch.enable_grad(), ComfyHost(model, clip, vae) as host:
             observer = _NodeObserver(config.steps, unique_id)
             trainer = Trainer(host, images, config, masks=mask, observer=observer, snapshot_dir=snapshot_dir)
-            observer.on_memory(trainer.memory.summary())
+            observer.on_memory(f"start word '{trainer.init_word}'; {trainer.memory.summary()}")
             result = trainer.run()
             if result.stopped_reason != "cancelled" and result.snapshot_path is None:
                 trainer.snapshot()
@@ -210,7 +210,8 @@ class TrainEmbedding:
         word = PseudoWord(name=name, vectors=result.vectors, family=host.family, path=str(saved), metadata=metadata)
         new_clip = with_words(clip, {word.placeholder: word.vectors})
         curve = image_tensor(loss_curve_image(result.train_losses, result.eval_losses, title=f"<{name}> loss"))
-        summary = (f"saved {saved.name}: eval loss {result.init_eval_loss:.4f} -> {result.best_eval_loss:.4f} "
+        summary = (f"saved {saved.name}: eval loss {result.init_eval_loss:.4f} at '{result.init_word}' -> "
+                   f"{result.best_eval_loss:.4f} "
                    f"(best at step {result.best_step}, {result.stopped_reason} after {result.steps_run} steps)")
         return {
             "ui": {"text": [summary, result.memory], "textinv": [{"name": name, "file": saved.name,

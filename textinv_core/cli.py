@@ -136,7 +136,9 @@ def train_command(args: argparse.Namespace) -> int:
         if hint:
             raise UserError(f"{error}{hint}") from error
         raise
-    print(f"eval loss {result.init_eval_loss:.4f} at the init word -> {result.best_eval_loss:.4f} "
+    found = f" (found in {result.start_passes} image-passes)" if result.start_passes else ""
+    print(f"eval loss {result.init_eval_loss:.4f} at the start word '{result.init_word}'{found} -> "
+          f"{result.best_eval_loss:.4f} "
           f"(best, step {result.best_step}); {result.stopped_reason} after {result.steps_run} steps; {result.memory}")
     print(f"wrote {output}; use it as <{name}> or embedding:{name}")
     return 0
