@@ -312,7 +312,8 @@ def run_quality(args: argparse.Namespace) -> int:
     start = time.time()
     summary = run_benchmark(cfg)
     print(f"concept {args.concept}: {len(cfg.seeds)} seed(s) x {cfg.samples} reconstruction and "
-          f"{cfg.edit_samples} x {len(edits_for(cfg.concept))} edit samples per condition, {time.time() - start:.0f} s")
+          f"{cfg.edit_samples} x {len(edits_for(cfg.concept)) + 1} edit samples (the recolour included) per "
+          f"condition, {time.time() - start:.0f} s")
     print(f"inversion settings: {cfg.tuned()}")
     print(format_table(summary))
     print(verdict(summary))
