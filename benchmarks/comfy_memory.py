@@ -260,69 +260,23 @@ def _build(family: str, out_path: str) -> dict:
     return {"path": out_path, "bytes": os.path.getsize(out_path), "tensors": len(sd)}
 
 
-class _Peak:
-    """Peak memory of one phase: torch.cuda's max allocated on a GPU, else VmHWM (reset per phase)."""
+def _phase_peak(device):
+    """benchmarks/peak.PhasePeak, plus where each phase started and the process's own peak."""
+    sys.path.insert(0, str(HERE))
+    from peak import PhasePeak
 
-    def __init__(self, device):
-        import threading
+    class Peak(PhasePeak):
+        def start(self) -> None:
+            import gc
 
-        import torch
+            gc.collect()
+            self.started_at = self.torch.cuda.memory_allocated(self.device) if self.cuda else self.rss()
+            super().start()
 
-        self.torch, self.cuda = torch, device.type == "cuda"
-        self.device = device
-        self.reset_works = self._try_reset()
-        self._poll_peak = 0
-        self._stop = threading.Event()
-        if not self.cuda and not self.reset_works:  # no clear_refs: poll RSS instead
-            threading.Thread(target=self._poll, daemon=True).start()
+        def process_rss_peak(self) -> int:
+            return self.hwm()
 
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    @staticmethod
-    def hwm() -> int:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def _try_reset(self) -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")
-            return True
-        except OSError:
-            return False
-
-    def _poll(self):
-        while not self._stop.wait(0.002):
-            self._poll_peak = max(self._poll_peak, self.rss())
-
-    def start(self) -> None:
-        import gc
-
-        gc.collect()
-        self.started_at = self.torch.cuda.memory_allocated(self.device) if self.cuda else self.rss()
-        if self.cuda:
-            self.torch.cuda.synchronize()
-            self.torch.cuda.empty_cache()
-            self.torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.reset_works:
-            self._try_reset()
-        else:
-            self._poll_peak = self.rss()
-
-    def peak(self) -> int:
-        if self.cuda:
-            self.torch.cuda.synchronize()
-            return int(self.torch.cuda.max_memory_allocated(self.device))
-        return self.hwm() if self.reset_works else max(self._poll_peak, self.rss())
-
-    def process_rss_peak(self) -> int:
-        return self.hwm()
+    return Peak(device)
 
 
 def _measure(req: dict) -> dict:
@@ -341,7 +295,7 @@ def _measure(req: dict) -> dict:
     from textinv_core.hosts.comfy import ComfyHost
 
     device = mm.get_torch_device()
-    peak = _Peak(device)
+    peak = _phase_peak(device)
     phases: dict[str, int] = {}
     out = {k: req[k] for k in ("family", "resolution", "precision", "memory", "by_reference")}
     out["device"] = str(device) + (f" {req['vram_flag']}" if req["vram_flag"] else "")
@@ -415,10 +369,7 @@ def _measure(req: dict) -> dict:
                 pass
             return tensor
 
-        try:
-            from textinv_core.recompute import recomputed
-        except ImportError:  # before the engine's module exists: the same contract
-            recomputed = _recomputed
+        from textinv_core.recompute import recomputed
         peak.start()
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
@@ -444,30 +395,6 @@ def _measure(req: dict) -> dict:
     out["process_rss_peak"] = peak.process_rss_peak() if device.type == "cuda" else out["process_peak"]
     out["peak_kind"] = "cuda max allocated" if device.type == "cuda" else "RSS"
     return out
-
-
-@contextlib.contextmanager
-def _recomputed(blocks, enabled: bool):
-    """Non-reentrant checkpointing of each block's forward while the block runs (the engine's contract)."""
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    patched = []
-    try:
-        for block in blocks if enabled else ():
-            forward = block.forward
-
-            def run(*args, _forward=forward, **kwargs):
-                if not torch.is_grad_enabled():
-                    return _forward(*args, **kwargs)
-                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-            block.forward = run
-            patched.append(block)
-        yield
-    finally:
-        for block in patched:
-            del block.forward
 
 
 def _worker(request: str) -> None:
