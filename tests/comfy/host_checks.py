@@ -39,33 +39,6 @@ def load(path: str):
     return model, clip, vae
 
 
-@contextlib.contextmanager
-def recomputed(blocks, enabled: bool):
-    """The engine's textinv_core.recompute when present, else the same contract here."""
-    try:
-        from textinv_core.recompute import recomputed as engine
-    except ImportError:
-        engine = None
-    if engine is not None:
-        with engine(blocks, enabled):
-            yield
-        return
-    from torch.utils.checkpoint import checkpoint
-
-    patched = []
-    try:
-        for block in blocks if enabled else ():
-            def run(*args, _forward=block.forward, **kwargs):
-                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-            block.forward = run
-            patched.append(block)
-        yield
-    finally:
-        for block in patched:
-            del block.forward
-
-
 def train_step(host, low: bool = False, by_reference: bool = True) -> dict:
     """One step of the loss as the trainer takes it; the word's gradient and what autograd kept."""
     import torch
@@ -82,6 +55,8 @@ def train_step(host, low: bool = False, by_reference: bool = True) -> dict:
     def pack(tensor):
         saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
+
+    from textinv_core.recompute import recomputed
 
     blocks = host.recompute_blocks()
     called = set()
