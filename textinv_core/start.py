@@ -87,7 +87,7 @@ class _Search:
 
     def __init__(self, host, latents, gradient_draws, screen_draws, placeholder, weights, chunk):
         self.host, self.latents, self.placeholder, self.weights, self.chunk = host, latents, placeholder, weights, chunk
-        self.gradient_draws, self.screen_draws = gradient_draws, screen_draws
+        self.gradient_draws = gradient_draws
         self.strings = host.token_strings()
         prompts = " ".join(p.replace(placeholder, " ") for p in [*gradient_draws.prompts, *screen_draws.prompts])
         self.ids = candidate_ids(self.strings, prompts)
