@@ -24,7 +24,6 @@ from .host import Host, WordVectors
 from .memory import MemoryPlan, plan_memory
 from .objective import (
     backward_in_parts,
-    diffusion_loss,
     draw_batch,
     encode_latents,
     init_pull,
@@ -159,22 +158,15 @@ class Trainer:
         draws = draw_batch(self.generator, cfg.batch_size, self.count, self.latents.shape[2:], self.timesteps,
                            self.prompt_for, flip=cfg.flip)
         self.optimizer.zero_grad(set_to_none=True)
-        micro = self.memory.micro_batch
-        with recomputed(self.recompute_blocks):
-            if micro and micro < len(draws):  # the same step, in parts that fit (memory.plan_memory)
-                value = backward_in_parts(self.host, self.latents, draws, self.words(self.step), self.weights, micro)
-                loss = cfg.init_pull * init_pull(self.vectors, self.init) if cfg.init_pull else None
-            else:
-                loss = diffusion_loss(self.host, self.latents, draws, self.words(self.step), self.weights)
-                if cfg.init_pull:
-                    loss = loss + cfg.init_pull * init_pull(self.vectors, self.init)
-                value = 0.0
-        if loss is not None:
-            value += float(loss.detach())
+        with recomputed(self.recompute_blocks):  # the batch in one part, or in parts that fit (memory.py)
+            value = backward_in_parts(self.host, self.latents, draws, self.words(self.step), self.weights,
+                                      self.memory.micro_batch or len(draws))
+        if cfg.init_pull:
+            pull = cfg.init_pull * init_pull(self.vectors, self.init)
+            pull.backward()
+            value += float(pull.detach())
         if not math.isfinite(value):
-            return value
-        if loss is not None:
-            loss.backward()
+            return value  # no update: the caller rolls back and says what to do
         self.optimizer.step()
         project(self.vectors, self.init, self.active_count(self.step), self.max_norm)
         self.step += 1
