@@ -147,8 +147,9 @@ def conditions_for(host, images, concept: dict[str, str], seed: int, cfg: Qualit
         rows.append(Condition(f"learned k={k}", placeholder, {placeholder: result.vectors},
                               steps_run=result.steps_run, best_step=result.best_step,
                               stopped_reason=result.stopped_reason))
-    start = results[0].init_word
-    rows.append(Condition(f"init word '{start}'", start, {}))
+    start = results[0].init_word  # found per seed when none is given: one row across seeds, its words kept
+    given = cfg.settings.get("init_word")
+    rows.append(Condition(f"init word '{given or 'found'}'", start, {}))
     rows.append(Condition("human caption", caption, {},
                           recolour_phrase=f"{concept['pattern']} {concept['shape']}"))
     rows.append(Condition("random vector", "<random>", {"<random>": random_vector(host, seed)}))
@@ -187,6 +188,7 @@ def run_benchmark(cfg: QualityConfig, host=None) -> dict:
     concept = cfg.concept
     per_seed: dict[str, list[dict]] = {}
     steps_run: dict[str, list[str]] = {}  # "run/best" per seed
+    start_words: dict[str, list[str]] = {}  # the init word of each seed's inversion
     grid_rows = []
     for seed in cfg.seeds:
         scenes = world.concept_images(concept, cfg.images, seed=seed)
@@ -201,12 +203,16 @@ def run_benchmark(cfg: QualityConfig, host=None) -> dict:
             log.info("%s seed %d: recon %.3f edit %.3f (%.0f s)", condition.label, seed, result["recon"]["graded"],
                      result["edit"], time.time() - start)
             per_seed.setdefault(condition.label, []).append(result)
+            if condition.label.startswith("init word"):
+                start_words.setdefault(condition.label, []).append(condition.phrase)
             if condition.steps_run is not None:
                 steps_run.setdefault(condition.label, []).append(f"{condition.steps_run}/{condition.best_step}")
             if seed == cfg.seeds[0]:
                 examples = [im for ims in result["examples"].values() for im in ims]
                 grid_rows.append((condition.label, examples))
     summary = summarise(per_seed, steps_run)
+    for label, words in start_words.items():
+        summary[label]["start_words"] = words
     image_grid(grid_rows).save(cfg.out / "grid.png")
     concept_text = ",".join(f"{k}={v}" for k, v in concept.items())
     points = [(label, row["recon"][0], row["edit"][0]) for label, row in summary.items()]
@@ -315,6 +321,9 @@ def run_quality(args: argparse.Namespace) -> int:
           f"{cfg.edit_samples} x {len(edits_for(cfg.concept)) + 1} edit samples (the recolour included) per "
           f"condition, {time.time() - start:.0f} s")
     print(f"inversion settings: {cfg.tuned()}")
+    for label, row in summary.items():
+        if row.get("start_words"):
+            print(f"{label}: per seed {', '.join(repr(w) for w in row['start_words'])}")
     print(format_table(summary))
     print(verdict(summary))
     print(f"wrote {cfg.out / 'grid.png'}, {cfg.out / 'scatter.png'}, {cfg.out / 'results.json'}")
