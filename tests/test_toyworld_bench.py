@@ -39,3 +39,20 @@ def test_bench_quality_rejects_a_bad_concept_before_any_work(tmp_path, capsys, c
     assert main(["bench", "quality", "--concept", concept, "--out", str(out)]) == 2
     assert expected in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_bench_speed_prints_the_table_and_ratios_and_writes_the_plot(tmp_path, capsys):
+    out = tmp_path / "speed"
+    code = main(["bench", "speed", "--concept", "shape=cross,colour=yellow,pattern=plain", "--seeds", "0",
+                 "--recipes", "textinv,paper", "--samples", "2", "--max-passes", "40", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "every budget capped at 40 passes" in printed and "seed 0: textinv started from '" in printed
+    for line_start in ("textinv ", "paper ", "passes to 90%: paper / textinv = median "):
+        assert any(line.startswith(line_start) for line in printed.splitlines()), line_start
+    curves = json.loads((out / "curves.json").read_text())
+    assert [c["recipe"] for c in curves] == ["textinv", "paper"]
+    paper = curves[1]
+    # its 40 training passes (10 steps of 4), plus its evaluations' and memory probe's forwards at a third each
+    assert paper["init_word"] == "cross" and 40 < paper["points"][-1][0] <= 40 + 30
+    assert (out / "curves.png").stat().st_size > 0

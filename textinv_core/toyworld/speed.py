@@ -27,8 +27,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import default
 from . import scene as world
-from .bench import RECON_TEMPLATE
+from .bench import RECON_TEMPLATE, QualityConfig, inversion_config
 from .metrics import reconstruction
 from .sampling import sample
 
@@ -123,16 +124,15 @@ class Measure:
 
 def run_recipe(host, images, concept, recipe: Recipe, seed: int, samples: int, caption: float,
                max_passes: int | None) -> Curve:
-    from ..config import TrainConfig
     from ..trainer import Trainer
 
     settings = dict(recipe.settings)
+    if recipe.shape_start:
+        settings["init_word"] = concept["shape"]
     if max_passes:
-        settings["steps"] = min(settings.get("steps", TrainConfig.__dataclass_fields__["steps"].default),
-                                max_passes // settings.get("batch_size", _default("batch_size")))
-    config = TrainConfig(name="toy-speed", templates="captions", captions=[RECON_TEMPLATE] * len(images),
-                         resolution=world.SIZE, seed=seed, preview_every=0, snapshot_every=0,
-                         **{"init_word": concept["shape"] if recipe.shape_start else _default("init_word"), **settings})
+        settings["steps"] = min(settings.get("steps", default("steps")),
+                                max_passes // settings.get("batch_size", default("batch_size")))
+    config = inversion_config(QualityConfig(concept=concept, settings=settings), len(images), "toy-speed", seed=seed)
     curve = Curve(recipe.name, seed, caption=caption)
     measure = Measure(host, concept, curve, samples, sample_seed=seed + 1, per_step=config.batch_size,
                       eval_draws=config.eval_draws)
@@ -145,12 +145,6 @@ def run_recipe(host, images, concept, recipe: Recipe, seed: int, samples: int, c
     if not curve.points or curve.points[-1][0] != measure.passes():
         measure.score()  # where it ends
     return curve
-
-
-def _default(name: str):
-    from ..config import default
-
-    return default(name)
 
 
 def run_speed(concept: dict, seeds: list[int], recipes: list[str], samples: int, out: Path,
