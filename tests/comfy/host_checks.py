@@ -180,6 +180,24 @@ def check(path: str, name: str, flags: list[str]) -> dict:
                             step["loaded"] = int(host.patcher.model.model_loaded_weight_memory)
                             step["low"] = train_step(host, low=True)["grads"]
                     result[f"{label}-{'patched' if patched else 'plain'}"] = step
+        elif name == "attention":  # ComfyUI's sub-quadratic attention when memory is short: keys split
+            import comfy.ldm.modules.attention as attention
+
+            with ComfyHost(model, clip, vae) as host:
+                result["roomy"] = train_step(host)
+                result["default_attention"] = attention.optimized_attention.__name__
+                free = mm.get_free_memory
+                mm.get_free_memory = lambda dev=None, torch_free_too=False: (1024, 1024) if torch_free_too else 1024
+                try:
+                    result["short"] = train_step(host)
+                    q = torch.randn(1, 64, 16, requires_grad=True)
+                    try:  # what the host routes around: ComfyUI's own function, keys split, under autograd
+                        attention.attention_sub_quad(q, q, q, 2).sum().backward()
+                        result["sub_quad_with_grad"] = "ran"
+                    except RuntimeError as error:
+                        result["sub_quad_with_grad"] = str(error)
+                finally:
+                    mm.get_free_memory = free
         elif name == "sample":
             with ComfyHost(model, clip, vae) as host:
                 words = {"<w>": {k: v.mean(0, keepdim=True) for k, v in host.word_vectors("ball").items()}}

@@ -109,3 +109,15 @@ def test_sample_draws_all_noise_from_the_seed_and_types_the_word(comfy_path, che
     assert r["same_first"] is True      # a prompt's image does not depend on the other prompts
     assert r["prompts_differ"] is True
     assert r["word_equals_typed"] is True  # the word set to 'ball' samples exactly like typing 'ball'
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_training_works_when_sub_quadratic_attention_splits_the_keys(comfy_path, checkpoints, family):
+    """ComfyUI's default attention without PyTorch attention (CPU, --use-quad-cross-attention) splits the
+    keys when free memory is short and then exponentiates in place, which autograd refuses (a full-size
+    SDXL step at 1024 px failed so on CPU). Training routes those calls to PyTorch's attention."""
+    r = run_check(comfy_path, checkpoints[family], "attention")
+    assert "automatic differentiation" in r["sub_quad_with_grad"]  # ComfyUI's own call fails under autograd
+    roomy, short = r["roomy"], r["short"]
+    assert abs(short["loss"] - roomy["loss"]) <= 1e-5 * abs(roomy["loss"])
+    assert_same_grads(roomy["grads"], short["grads"], rel=1e-4)

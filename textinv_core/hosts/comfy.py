@@ -173,6 +173,20 @@ def _differentiable_clip():
         layer.forward = original
 
 
+def _attention_with_backward(func, *args, **kwargs):
+    """ComfyUI's `optimized_attention_override` for the training forward. Its sub-quadratic attention
+    (its default without PyTorch attention: on CPU, and with --use-quad-cross-attention) splits the keys
+    when free memory is short and then exponentiates in place (`torch.exp(out=)`), which autograd
+    refuses; those calls go to PyTorch's scaled_dot_product_attention, which has a backward and needs no
+    more memory. Every other attention runs as ComfyUI chose it."""
+    from comfy.ldm.modules import attention
+
+    sub_quad = getattr(attention.attention_sub_quad, "__wrapped__", attention.attention_sub_quad)
+    if torch.is_grad_enabled() and func in (sub_quad, attention.attention_sub_quad):
+        return attention.attention_pytorch(*args, **kwargs)
+    return func(*args, **kwargs)
+
+
 class _WeightNote:
     """A ComfyUI weight wrapper (`ModelPatcher.add_weight_wrapper`) that returns the weight unchanged.
 
@@ -538,7 +552,8 @@ class ComfyHost:
         extra = {k: v.to(device, dtype) for k, v in self._extra(cond, noisy).items()}
         context = cond.cross.to(device, dtype)
         with self.by_reference.active():
-            out = base.diffusion_model(xc, t, context=context, control=None, transformer_options={}, **extra)
+            options = {"optimized_attention_override": _attention_with_backward}
+            out = base.diffusion_model(xc, t, context=context, control=None, transformer_options=options, **extra)
         return out.float()
 
     def autocast(self):
