@@ -123,9 +123,10 @@ class TrainEmbedding:
                                             "seed repeats a run. Kept fixed, so running the graph again does not "
                                             "retrain."}),
                 "early_stop": ("INT", {"default": default("early_stop_patience"), "min": 0, "max": 1000,
-                                       "tooltip": "Stop once this many evaluations in a row show no "
-                                                  "downward trend of the evaluation loss beyond its scatter (0 = "
-                                                  "never). The best word so far is what is saved."}),
+                                       "tooltip": "When this many evaluations in a row show no downward "
+                                                  "trend of the evaluation loss beyond its scatter, go back to the "
+                                                  "best word and on at 0.3x the learning rate (twice), then stop "
+                                                  "(0 = never). The best word so far is what is saved."}),
                 "save_every": ("INT", {"default": default("snapshot_every"), "min": 0, "max": 100000,
                                        "tooltip": "Write a snapshot to output/textinv/<name>/ every N steps (0 = "
                                                   "only on cancel and at the end)."}),

@@ -27,12 +27,63 @@ def test_noisy_descent_goes_on_while_the_trend_beats_the_scatter():
 
 @pytest.mark.parametrize("family", ["sd1"])
 def test_early_stopping_ends_a_run_whose_loss_is_flat(tiny_host, images, family):
-    from textinv_core.trainer import TrainConfig, train
+    from textinv_core.trainer import train
 
-    config = TrainConfig(name="probe", init_word="cat", steps=400, learning_rate=1e-9, batch_size=2, resolution=32,
-                         eval_every=2, eval_draws=4, early_stop_patience=4, preview_every=0, memory="fast")
-    result = train(tiny_host(family), images, config)
+    result = train(tiny_host(family), images, flat_run_config(lr_drops=0))
     assert result.stopped_reason == "early_stop" and result.steps_run < 40
+
+
+def flat_run_config(**overrides):
+    from textinv_core.trainer import TrainConfig
+
+    settings = dict(name="probe", init_word="cat", steps=400, learning_rate=1e-9, batch_size=2, resolution=32,
+                    eval_every=2, eval_draws=4, early_stop_patience=4, preview_every=0, memory="fast")
+    return TrainConfig(**{**settings, **overrides})
+
+
+@pytest.mark.parametrize("family", ["sd1"])
+def test_a_plateau_drops_the_learning_rate_at_the_best_word_before_it_stops(tiny_host, images, family):
+    import torch
+
+    from textinv_core.config import LR_DROP
+    from textinv_core.trainer import Trainer
+
+    trainer = Trainer(tiny_host(family), images, flat_run_config(lr_drops=2))
+    result = trainer.run()
+    assert result.stopped_reason == "early_stop" and len(result.lr_drops) == 2
+    assert result.lr_drops[0] < result.lr_drops[1] < result.steps_run < 80
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(trainer.config.effective_lr * LR_DROP ** 2)
+    # A drop goes back to the best vectors and forgets AdamW's moments of the vectors it leaves.
+    with torch.no_grad():
+        for v in trainer.vectors.values():
+            v.add_(1.0)
+    trainer._drop_learning_rate()
+    for key, v in trainer.vectors.items():
+        assert torch.equal(v.detach(), trainer.best.vectors[key])
+        assert v not in trainer.optimizer.state
+
+
+@pytest.mark.parametrize("family", ["sd1"])
+def test_a_run_resumed_after_a_learning_rate_drop_equals_the_uninterrupted_one(tiny_host, images, tmp_path, family):
+    import torch
+
+    from textinv_core.trainer import train
+
+    from .test_trainer import StopAt
+
+    host = tiny_host(family)
+    config = dict(learning_rate=1e-3, early_stop_patience=3, lr_drops=3, steps=30, snapshot_every=1)
+    whole = train(host, images, flat_run_config(**config), snapshot_dir=tmp_path / "whole")
+    assert whole.lr_drops, "the setting must drop the learning rate before the interrupt for this test to show it"
+    cut_at = whole.lr_drops[0] + 3
+    stopped = train(host, images, flat_run_config(**config), observer=StopAt(cut_at), snapshot_dir=tmp_path / "cut")
+    assert stopped.steps_run == cut_at and stopped.lr_drops == whole.lr_drops[:1]
+    cut = tmp_path / "cut"
+    resumed = train(host, images, flat_run_config(**config), snapshot_dir=cut, resume_from=cut)
+    assert resumed.lr_drops == whole.lr_drops and resumed.steps_run == whole.steps_run
+    for key in host.encoders:
+        assert torch.equal(resumed.final_vectors[key], whole.final_vectors[key])
+    assert resumed.eval_losses == whole.eval_losses
 
 
 def test_the_default_start_beats_object_on_a_short_toy_inversion():

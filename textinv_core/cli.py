@@ -57,6 +57,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
       help="steps between preview PNGs in the snapshot folder (0: off)")
     a("--early-stop", type=int, default=d("early_stop_patience"),
       help="stop once this many evaluations in a row show no downward trend beyond their scatter (0: off)")
+    a("--lr-drops", type=int, default=d("lr_drops"),
+      help="when the evaluation loss stops improving, go back to the best word and go on at 0.3x the "
+           "learning rate, this many times before early stopping ends the run")
     a("--max-norm", type=float, default=d("max_norm_ratio"),
       help="cap each vector's norm at this x the start word's norm, so the word composes (0: off)")
     a("--init-pull", type=float, default=d("init_pull"), help="L2 pull toward the init word (paper's LDM code; 0: off)")
@@ -97,7 +100,8 @@ def train_command(args: argparse.Namespace) -> int:
         captions=captions, seed=args.seed, flip=not args.no_flip, init_pull=args.init_pull,
         max_norm_ratio=args.max_norm, progressive_steps=_progressive(args.progressive),
         per_image_tokens=args.per_image_tokens, eval_every=args.eval_every, early_stop_patience=args.early_stop,
-        snapshot_every=args.snapshot_every, preview_every=args.preview_every, memory=args.memory,
+        lr_drops=args.lr_drops, snapshot_every=args.snapshot_every, preview_every=args.preview_every,
+        memory=args.memory,
     )
     snapshots = output.with_name(f"{output.stem}.snapshots")
     images = check_training(config, images, output=output, overwrite=args.overwrite, snapshot_dir=snapshots,

@@ -16,11 +16,12 @@ from .errors import UserError
 
 PREVIEW_STEPS = 20       # sampling steps of a preview image
 PREVIEW_GUIDANCE = 5.0   # classifier-free guidance of a preview image
+LR_DROP = 0.3            # the learning rate's factor at each of TrainConfig.lr_drops
 
 
 # How a setting is named in messages when the front end gives no label of its own.
 _LABELS = {"num_vectors": "vectors", "learning_rate": "learning rate", "batch_size": "batch size",
-           "progressive_steps": "progressive steps", "early_stop_patience": "early stop",
+           "progressive_steps": "progressive steps", "early_stop_patience": "early stop", "lr_drops": "lr drops",
            "snapshot_every": "snapshot every", "max_norm_ratio": "max norm"}
 
 
@@ -57,6 +58,9 @@ class TrainConfig:
     eval_draws: int = 16               # fixed (image, noise, t) draws of the evaluation set
     early_stop_patience: int = 6       # stop once the last this-many evaluations show no trend beyond their
     #                                    scatter (evaluation.stopped_improving); 0 = off, at least 3 to act
+    lr_drops: int = 2                  # before stopping early, this many times: back to the best vectors and
+    #                                    on at LR_DROP x the learning rate (a constant LR wanders around the basin
+    #                                    it found; a smaller one settles in it)
     snapshot_every: int = 100          # steps between snapshots (an interrupt, a NaN and the end always keep one)
     preview_every: int = 100           # steps between preview images (0 = off); each is one 20-step sampling
     preview_prompt: str = ""           # "{}" marks the word; default: the evaluation template
@@ -94,7 +98,7 @@ class TrainConfig:
         if not -(2 ** 63) <= self.seed < 2 ** 63:
             raise TrainingError(f"{say('seed')} must be below 2**63 in size (got {self.seed}).")
         for name, least in (("eval_every", 1), ("eval_draws", 1), ("snapshot_every", 0), ("preview_every", 0),
-                            ("early_stop_patience", 0)):
+                            ("early_stop_patience", 0), ("lr_drops", 0)):
             if getattr(self, name) < least:
                 zero = " (0 turns it off)" if least == 0 else ""
                 raise TrainingError(f"{say(name)} must be at least {least}{zero} (got {getattr(self, name)}).")

@@ -130,7 +130,7 @@ def state_meta(trainer, stopped: str = "") -> dict:
     return {"step": trainer.step, "config": asdict(trainer.config), "fingerprint": trainer.fingerprint,
             "train_losses": list(trainer.train_losses), "eval_losses": list(trainer.eval_losses),
             "best_loss": best.loss if math.isfinite(best.loss) else None, "best_step": best.step,
-            "stopped": stopped}
+            "lr_drops": list(trainer.lr_drops), "stopped": stopped}
 
 
 def apply_state(trainer, state: dict[str, torch.Tensor], meta: dict) -> None:
@@ -151,6 +151,9 @@ def apply_state(trainer, state: dict[str, torch.Tensor], meta: dict) -> None:
     trainer.best.loss = meta["best_loss"] if meta["best_loss"] is not None else math.inf
     trainer.best.step = meta["best_step"]
     trainer.best.vectors = {k: state[f"best.{k}"].to(trainer.host.device) for k in trainer.vectors}
+    trainer.lr_drops = list(meta.get("lr_drops", []))  # files written before lr drops existed had none
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = trainer.learning_rate()
 
 
 def load_state(trainer, path: str | Path) -> None:
@@ -171,7 +174,7 @@ class Rollback:
 
     def keep(self, trainer) -> None:
         meta = {"step": trainer.step, "train_losses": (), "eval_losses": (), "best_loss": None,
-                "best_step": trainer.best.step}
+                "best_step": trainer.best.step, "lr_drops": list(trainer.lr_drops)}
         counts = (len(trainer.train_losses), len(trainer.eval_losses), trainer.best.loss)
         self.before_last, self.last = self.last, (state_tensors(trainer, device=None), meta, counts)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import PREVIEW_GUIDANCE, PREVIEW_STEPS, TrainConfig, TrainingError
+from .config import LR_DROP, PREVIEW_GUIDANCE, PREVIEW_STEPS, TrainConfig, TrainingError
 from .data import as_pil_list, images_fingerprint, masks_to_tensor, pixels_from_images
 from .evaluation import BestSoFar, draws_for_run, evaluate, stopped_improving
 from .host import Host, WordVectors
@@ -57,6 +57,7 @@ class TrainResult:
     train_losses: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     snapshot_path: Path | None = None
+    lr_drops: list[int] = field(default_factory=list)  # steps at which the learning rate dropped
 
 
 class Trainer:
@@ -102,6 +103,7 @@ class Trainer:
         self.step = 0
         self.train_losses: list[float] = []
         self.eval_losses: list[tuple[int, float]] = []
+        self.lr_drops: list[int] = []  # steps at which the learning rate dropped (config.lr_drops)
         self.best = BestSoFar(vectors={k: v.clone() for k, v in self.init.items()})
         self.last_snapshot: Path | None = None
         self.max_norm = {k: config.max_norm_ratio * float(v.norm(dim=1).mean()) for k, v in self.init.items()} \
@@ -222,7 +224,7 @@ class Trainer:
             init_word=self.init_word, start_passes=self.start_passes, memory=self.memory.summary(),
             train_losses=list(self.train_losses),
             eval_losses=list(self.eval_losses),
-            snapshot_path=self.last_snapshot,
+            snapshot_path=self.last_snapshot, lr_drops=list(self.lr_drops),
         )
 
     def _stop_on_nan(self, loss: float, rollback: Rollback) -> None:
@@ -238,12 +240,38 @@ class Trainer:
                             "Training in fp32 also avoids overflow.")
 
     def _record_eval(self) -> bool:
-        """Evaluate, keep the best vectors, and say whether early stopping has triggered."""
+        """Evaluate and keep the best vectors. When the loss has stopped improving: drop the learning rate
+        (up to config.lr_drops times), else say that early stopping has triggered."""
         value = self.evaluate()
         self.eval_losses.append((self.step, value))
         self.observer.on_eval(self.step, value)
         self.best.update(self.step, value, self.vectors)
-        return stopped_improving([loss for _, loss in self.eval_losses], self.config.early_stop_patience)
+        since = self.lr_drops[-1] if self.lr_drops else -1
+        if not stopped_improving([loss for step, loss in self.eval_losses if step > since],
+                                 self.config.early_stop_patience):
+            return False
+        if len(self.lr_drops) >= self.config.lr_drops:
+            return True
+        self._drop_learning_rate()
+        return False
+
+    def learning_rate(self) -> float:
+        """The learning rate now: the configured one, times LR_DROP for each drop so far."""
+        return self.config.effective_lr * LR_DROP ** len(self.lr_drops)
+
+    def _drop_learning_rate(self) -> None:
+        """A plateau at this learning rate: back to the best vectors, AdamW's moments reset (they describe
+        the vectors left behind), and on at a smaller rate, so the word settles where it was best."""
+        self.lr_drops.append(self.step)
+        with torch.no_grad():
+            for key, v in self.vectors.items():
+                v.copy_(self.best.vectors[key])
+        for param in self.vectors.values():
+            self.optimizer.state.pop(param, None)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate()
+        log.info("textinv: the evaluation loss stopped improving at step %d; back to the best word (step %d), "
+                 "learning rate now %.3g", self.step, self.best.step, self.learning_rate())
 
     def preview(self):
         """One image of the word as it stands, sampled by the host; a failed preview never ends training."""
