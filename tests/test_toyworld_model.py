@@ -65,7 +65,7 @@ def test_demo_writes_a_word_that_scores_better_than_its_init_word(host, tmp_path
     from textinv_core.embedding_file import load_embedding
     from textinv_core.toyworld.demo import run_demo
 
-    report = run_demo(tmp_path, samples=16)  # the defaults, as `textinv demo` runs them (about 20 s)
+    report = run_demo(tmp_path, samples=16)  # the defaults, as `textinv demo` runs them (minutes on 2 CPU cores)
     assert report["scores"]["after"] > report["scores"]["before"]
     assert load_embedding(report["embedding"]).vectors[""].shape == (1, 128)
     assert (tmp_path / "before_after.png").is_file() and (tmp_path / "loss.png").is_file()
