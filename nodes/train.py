@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from ..textinv_core.config import default
+from ..textinv_core.config import LR_DROP, default
 from .common import CATEGORY, EMBEDDING_TYPE, PseudoWord, embeddings_folder, image_tensor
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,9 @@ class TrainEmbedding:
                 "early_stop": ("INT", {"default": default("early_stop_patience"), "min": 0, "max": 1000,
                                        "tooltip": "When this many evaluations in a row show no downward "
                                                   "trend of the evaluation loss beyond its scatter, go back to the "
-                                                  "best word and on at 0.3x the learning rate (twice), then stop "
-                                                  "(0 = never). The best word so far is what is saved."}),
+                                                  f"best word and on at {LR_DROP:g}x the learning rate "
+                                                  f"({default('lr_drops')} times), then stop (0 = never). The "
+                                                  "best word so far is what is saved."}),
                 "save_every": ("INT", {"default": default("snapshot_every"), "min": 0, "max": 100000,
                                        "tooltip": "Write a snapshot to output/textinv/<name>/ every N steps (0 = "
                                                   "only on cancel and at the end)."}),

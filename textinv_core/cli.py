@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import default
+from .config import LR_DROP, default
 from .errors import UserError
 from .progress import ProgressBar
 
@@ -58,7 +58,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--early-stop", type=int, default=d("early_stop_patience"),
       help="stop once this many evaluations in a row show no downward trend beyond their scatter (0: off)")
     a("--lr-drops", type=int, default=d("lr_drops"),
-      help="when the evaluation loss stops improving, go back to the best word and go on at 0.3x the "
+      help=f"when the evaluation loss stops improving, go back to the best word and go on at {LR_DROP:g}x the "
            "learning rate, this many times before early stopping ends the run")
     a("--max-norm", type=float, default=d("max_norm_ratio"),
       help="cap each vector's norm at this x the start word's norm, so the word composes (0: off)")
