@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -48,6 +50,19 @@ def test_recomputation_keeps_less_for_the_backward_pass_and_restores_every_block
         saved[low] = counter.bytes
     assert saved[True] < 0.9 * saved[False]  # tiny UNet: 0.81x; the text encoder's share is not recomputed
     assert all("forward" not in block.__dict__ for block in blocks)
+
+
+def test_the_probe_counts_what_autograd_keeps_but_not_the_weights_and_keeps_nothing_itself():
+    """A linear layer saves its weight (transposed, a view): not new memory. exp saves its output: new
+    memory, counted, and gone once the probe's graph is dropped (no cycle through autograd's graph)."""
+    layer = torch.nn.Linear(64, 32).requires_grad_(False)
+    x = torch.randn(4, 64, requires_grad=True)
+    with SavedBytes() as counter:
+        out = layer(x).exp()
+    assert counter.bytes == out.untyped_storage().nbytes()
+    gone = weakref.ref(out)
+    del out
+    assert gone() is None, "the probe kept its graph alive: each probe would leak what the step keeps"
 
 
 class SmallCard:

@@ -32,7 +32,14 @@ def device_free_bytes(device: torch.device | str) -> int | None:
 
 class SavedBytes:
     """Counts the bytes autograd keeps for the backward pass while the block runs: each distinct
-    tensor storage saved, once, leaving out parameters (the weights, which exist anyway)."""
+    tensor storage saved, once, leaving out parameters and views of them (the weights, which exist
+    anyway; a linear layer saves its weight transposed, a view). A host's cast copy of a weight is
+    new memory and is counted.
+
+    What the hook keeps is a detached alias: an op that saves its own output (exp, softmax, ...) would
+    otherwise hold that output with its grad_fn, a cycle through autograd's C++ graph that Python's
+    garbage collector cannot see, and every probe would leak what it kept (a text encoder's cast
+    weights per call in Forge: gigabytes for SDXL)."""
 
     def __init__(self):
         self.seen: set[int] = set()
@@ -41,10 +48,10 @@ class SavedBytes:
     def _pack(self, tensor: torch.Tensor):
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
-        if not isinstance(tensor, torch.nn.Parameter) and key not in self.seen:
+        if not _is_weight(tensor) and key not in self.seen:
             self.seen.add(key)
             self.bytes += storage.nbytes()
-        return tensor
+        return tensor.detach()
 
     def __enter__(self):
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
@@ -53,6 +60,10 @@ class SavedBytes:
 
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
+
+
+def _is_weight(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter)
 
 
 def extrapolate(sizes: list[int], values: list[float], target: int) -> float:
