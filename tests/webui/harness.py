@@ -222,9 +222,12 @@ class WebUIServer:
         self.log_path = root / "server.log"
         self.process: subprocess.Popen | None = None
 
+    @staticmethod
+    def link_name(checkpoint: Path) -> str:
+        return f"tiny-{checkpoint.name.split('-tiny-')[1].split('-')[0]}.safetensors"
+
     def link_checkpoint(self, checkpoint: Path) -> Path:
-        family = checkpoint.name.split("-tiny-")[1].split("-")[0]
-        target = self.ckpt_dir / f"tiny-{family}.safetensors"
+        target = self.ckpt_dir / self.link_name(checkpoint)
         for src, dst in ((checkpoint, target), (checkpoint.with_suffix(".yaml"), target.with_suffix(".yaml"))):
             if src.exists() and not dst.exists():
                 dst.symlink_to(src)
@@ -314,8 +317,13 @@ class WebUIServer:
         return image.tobytes()
 
     def switch_checkpoint(self, checkpoint: Path) -> None:
+        """Select a checkpoint the way the settings page does. The web UI's list is refreshed only for a
+        file it has not seen: a refresh sets the selection back to the --ckpt file (A1111's list_models),
+        and Forge, which loads lazily, would not notice that change."""
+        new = not (self.ckpt_dir / self.link_name(checkpoint)).exists()
         target = self.link_checkpoint(checkpoint)
-        self.post("/sdapi/v1/refresh-checkpoints", {})
+        if new:
+            self.post("/sdapi/v1/refresh-checkpoints", {})
         status, body = self.post("/sdapi/v1/options", {"sd_model_checkpoint": target.name})
         if status != 200:
             raise RuntimeError(f"switching to {target.name} failed: {status} {body}")

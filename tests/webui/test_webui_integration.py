@@ -10,7 +10,6 @@ wrong family is one clear error. Tests run in file order and share one server pe
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -25,15 +24,7 @@ FAMILY_KEYS = {"sd15": {"emb_params"}, "sdxl": {"clip_l", "clip_g"}}
 TRAIN = {"init_word": "cat", "resolution": 64, "steps": 4, "eval_every": 2, "eval_draws": 2, "snapshot_every": 2,
          "preview_every": 0}
 PROMPT = "a photo of a cat on a table"
-FORGE_SDXL_REASON = ("Forge SDXL training is left out on CPU: each SDXL text-encoder call outside inference mode "
-                     "keeps ~2.8 GB more in Forge's process (measured), so a run exhausts a 24 GB machine; "
-                     "set TEXTINV_WEBUI_FORGE_SDXL=1 to run it (docs/WEBUI.md)")
-
-
-def families_for(ui: str) -> tuple[str, ...]:
-    if ui == "forge" and os.environ.get("TEXTINV_WEBUI_FORGE_SDXL") != "1":
-        return ("sd15",)
-    return ("sd15", "sdxl")
+FAMILIES = ("sd15", "sdxl")
 
 
 def word_name(ui: str, family: str) -> str:
@@ -67,8 +58,6 @@ def test_pinned_packages_keep_their_versions(server):
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_training_writes_the_word_and_leaves_the_model_as_it_was(server, checkpoints, family, ui):
-    if family not in families_for(ui):
-        pytest.skip(FORGE_SDXL_REASON)
     server.switch_checkpoint(checkpoints[family])
     steps = 2 if family == "sdxl" else 4
     before = server.txt2img(PROMPT, steps=steps)
@@ -92,7 +81,7 @@ def test_training_writes_the_word_and_leaves_the_model_as_it_was(server, checkpo
 
 def test_the_gradient_reaches_every_text_encoder(server, ui):
     """Between the snapshots at steps 2 and 4 every encoder's vectors moved (SDXL: CLIP-L and OpenCLIP-G)."""
-    for family in families_for(ui):
+    for family in FAMILIES:
         folder = server.data / "textinv" / "snapshots" / word_name(ui, family)
         early = load_file(str(folder / f"{word_name(ui, family)}-step000002.safetensors"))
         late = load_file(str(folder / f"{word_name(ui, family)}-step000004.safetensors"))
@@ -116,10 +105,9 @@ def test_a_word_of_the_wrong_family_is_one_clear_error(server, checkpoints, ui):
     assert not (server.embeddings / "an-sdxl-word.safetensors").exists()
     status, body = offer(server, {"emb_params": torch.randn(1, 768)}, "an-sd15-word")
     assert status == 200 and body["family"] == "sd1", body  # the right family registers
-    if "sdxl" in families_for(ui):
-        server.switch_checkpoint(checkpoints["sdxl"])
-        status, body = offer(server, {"emb_params": torch.randn(1, 768)}, "another-sd15-word")
-        assert status == 400 and "another model family" in body["detail"] and "\n" not in body["detail"], body
+    server.switch_checkpoint(checkpoints["sdxl"])
+    status, body = offer(server, {"emb_params": torch.randn(1, 768)}, "another-sd15-word")
+    assert status == 400 and "another model family" in body["detail"] and "\n" not in body["detail"], body
 
 
 def test_bad_settings_are_one_line_errors(server):
@@ -163,7 +151,7 @@ def test_after_a_fresh_start_the_file_gives_the_same_images(server, checkpoints,
     ones the freshly trained, at-once registered word gave (bit for bit)."""
     server.stop()
     server.start()
-    for family in families_for(ui):
+    for family in FAMILIES:
         server.switch_checkpoint(checkpoints[family])
         seen = server.results[family]
         again = server.txt2img(f"a photo of {word_name(ui, family)} on a table", steps=seen["steps"])
