@@ -1,7 +1,8 @@
 """textinv in the Automatic1111 family (A1111, Forge, reForge): the "textinv" tab and the HTTP route.
 
 The web UI imports every .py in this folder at start-up; this one only registers callbacks, so
-start-up stays cheap and nothing of textinv's engine loads until a word is trained. The engine
+start-up stays cheap and nothing of textinv's engine loads until a word is trained (on a
+checkpoint load, the small web-UI service checks for reForge, see on_model_loaded). The engine
 (`textinv_core`, beside this folder) is loaded by path as a package of its own name: the pack's
 root never goes on sys.path (it holds folders such as `nodes` and `tests` that must not shadow
 anything), and the pack's folder may have any name.
@@ -182,5 +183,15 @@ def on_ui_tabs():
     return [(tab, "textinv", "textinv")]
 
 
+def on_model_loaded(sd_model) -> None:
+    """reForge only: the embeddings reload that A1111 does after loading a checkpoint (see
+    webui_service.reload_words_after_model_load). A failure is logged, never raised into the loader."""
+    try:
+        service().reload_words_after_model_load(sd_model)
+    except Exception as error:  # noqa: BLE001 - the web UI's model loading must go on
+        log.warning("textinv: could not reload the embeddings for the new checkpoint: %s", error)
+
+
 script_callbacks.on_app_started(on_app_started)
 script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_model_loaded(on_model_loaded)

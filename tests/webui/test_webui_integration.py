@@ -148,7 +148,8 @@ def test_interrupt_stops_the_run_and_keeps_a_snapshot(server, checkpoints, ui):
 
 def test_after_a_fresh_start_the_file_gives_the_same_images(server, checkpoints, ui):
     """The web UI loads the written files its own way at start-up; the images with the word are the
-    ones the freshly trained, at-once registered word gave (bit for bit)."""
+    ones the freshly trained, at-once registered word gave (bit for bit). The SDXL word is read
+    while SD1.5 is loaded and must work after the switch (reForge needs the pack's reload for that)."""
     server.stop()
     server.start()
     for family in FAMILIES:

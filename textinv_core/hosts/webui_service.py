@@ -72,11 +72,25 @@ def host_for_loaded_model():
 
         return ForgeHost(model)
     if stack == "reforge":
-        raise HostError("reForge's ldm_patched models are not supported yet: train in A1111 or Forge, or with "
-                        "ComfyUI's Train Embedding node; the word files load in reForge as they are.")
+        from .reforge import ReForgeHost
+
+        return ReForgeHost(model)
     from .a1111 import A1111Host
 
     return A1111Host(model)
+
+
+def reload_words_after_model_load(sd_model) -> None:
+    """reForge's model loader leaves out A1111's reload of the embeddings after a checkpoint loads
+    (sd_models.load_model), so words read while another family was loaded stay skipped: after a
+    switch from SD1.5 to SDXL, an SDXL word (textinv's or any other) silently does nothing until the
+    folder changes. This puts A1111's reload back, on reForge only (A1111 does it itself, Forge
+    keeps a database per text encoder)."""
+    if stack_of(sd_model) != "reforge":
+        return
+    from modules import sd_hijack
+
+    sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
 
 
 # -- folders ----------------------------------------------------------------------------------
