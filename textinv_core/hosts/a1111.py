@@ -37,6 +37,7 @@ from .webui_common import (
     euler_sample,
     frozen_parameters,
     no_checkpoint_flags,
+    posterior_mean,
     reset_cond_cache,
     set_attributes,
 )
@@ -176,11 +177,7 @@ class A1111Host:
         from modules import devices
 
         self.size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
-        vae = self.model.first_stage_model
-        moments = vae.encoder(pixels.to(devices.device, devices.dtype_vae))
-        if getattr(vae, "quant_conv", None) is not None:
-            moments = vae.quant_conv(moments)
-        mean = moments.chunk(2, dim=1)[0]  # the posterior's mode: deterministic latents
+        mean = posterior_mean(self.model.first_stage_model, pixels.to(devices.device, devices.dtype_vae))
         return (mean.float() * float(self.model.scale_factor)).cpu()
 
     def add_noise(self, latents, noise, timesteps):

@@ -37,9 +37,11 @@ from ..host import HostError, WordVectors
 from .webui_common import (
     DiscreteSchedule,
     autograd_friendly,
+    call_comfy_unet,
     euler_sample,
     frozen_parameters,
     plain_weights,
+    posterior_mean,
     reset_cond_cache,
     set_attributes,
 )
@@ -220,10 +222,7 @@ class ForgeHost:
         vae = self.model.forge_objects.vae
         memory_management.load_models_gpu([vae.patcher])
         stage = vae.first_stage_model
-        moments = stage.encoder(pixels.to(vae.device, vae.vae_dtype))
-        if getattr(stage, "quant_conv", None) is not None:
-            moments = stage.quant_conv(moments)
-        mean = moments.chunk(2, dim=1)[0]  # the posterior's mode: deterministic latents
+        mean = posterior_mean(stage, pixels.to(vae.device, vae.vae_dtype))
         with torch.inference_mode(False):
             return stage.process_in(mean.float()).cpu().clone()
 
@@ -237,15 +236,7 @@ class ForgeHost:
         from backend import memory_management
 
         memory_management.load_model_gpu(self.unet_patcher)
-        dtype = self.kmodel.computation_dtype
-        x = noisy.to(self.device, dtype)
-        t = timesteps.to(self.device).float()
-        if isinstance(cond, dict):
-            context, extra = cond["crossattn"], {"y": cond["vector"].to(self.device, dtype)}
-        else:
-            context, extra = cond, {}
-        out = self.unet(x, t, context=context.to(self.device, dtype), control=None, transformer_options={}, **extra)
-        return out.float()
+        return call_comfy_unet(self.unet, noisy, timesteps, cond, self.device, self.kmodel.computation_dtype)
 
     def autocast(self):
         return contextlib.nullcontext()  # Forge's operations cast weights to the computation dtype

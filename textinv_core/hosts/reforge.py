@@ -26,7 +26,14 @@ import torch
 
 from ..host import HostError
 from .a1111 import A1111Host
-from .webui_common import DiscreteSchedule, autograd_friendly, plain_weights, set_attributes
+from .webui_common import (
+    DiscreteSchedule,
+    autograd_friendly,
+    call_comfy_unet,
+    plain_weights,
+    posterior_mean,
+    set_attributes,
+)
 
 
 @contextlib.contextmanager
@@ -76,26 +83,14 @@ class ReForgeHost(A1111Host):
         self.size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
         vae = self.model.forge_objects.vae
         model_management.load_models_gpu([vae.patcher])
-        stage = vae.first_stage_model
-        moments = stage.encoder(pixels.to(vae.device, vae.vae_dtype))
-        if getattr(stage, "quant_conv", None) is not None:
-            moments = stage.quant_conv(moments)
-        mean = moments.chunk(2, dim=1)[0]  # the posterior's mode: deterministic latents
+        mean = posterior_mean(vae.first_stage_model, pixels.to(vae.device, vae.vae_dtype))
         return self.latent_format.process_in(mean.float()).cpu()
 
     def predict(self, noisy, timesteps, cond):
         from ldm_patched.modules import model_management
 
         model_management.load_models_gpu([self.unet_patcher])
-        dtype = self.unet.dtype
-        x = noisy.to(self.device, dtype)
-        t = timesteps.to(self.device).float()
-        if isinstance(cond, dict):
-            context, extra = cond["crossattn"], {"y": cond["vector"].to(self.device, dtype)}
-        else:
-            context, extra = cond, {}
-        out = self.unet(x, t, context=context.to(self.device, dtype), control=None, transformer_options={}, **extra)
-        return out.float()
+        return call_comfy_unet(self.unet, noisy, timesteps, cond, self.device, self.unet.dtype)
 
     def autocast(self):
         return contextlib.nullcontext()  # ldm_patched's operations cast weights to the computation dtype

@@ -78,6 +78,30 @@ def euler_sample(host, prompts: list[str], words: dict, seed: int, steps: int, g
     return [Image.fromarray(a) for a in arrays]
 
 
+def posterior_mean(stage: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE posterior's mode, before the model's latent scaling: deterministic latents (an ldm or
+    ldm_patched AutoencoderKL's encoder and, where it has one, its quant_conv)."""
+    moments = stage.encoder(pixels)
+    if getattr(stage, "quant_conv", None) is not None:
+        moments = stage.quant_conv(moments)
+    return moments.chunk(2, dim=1)[0]
+
+
+def call_comfy_unet(unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond, device,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """A ComfyUI-lineage UNet (Forge's backend, reForge's ldm_patched) on the VP input and the integer
+    timestep, as its model wrapper calls it after the k-diffusion scaling: the raw eps or v output.
+    `cond` is SD1/SD2's context tensor or SDXL's {"crossattn", "vector"}."""
+    x = noisy.to(device, dtype)
+    t = timesteps.to(device).float()
+    if isinstance(cond, dict):
+        context, extra = cond["crossattn"], {"y": cond["vector"].to(device, dtype)}
+    else:
+        context, extra = cond, {}
+    out = unet(x, t, context=context.to(device, dtype), control=None, transformer_options={}, **extra)
+    return out.float()
+
+
 def reset_cond_cache() -> None:
     """Forget the conditioning A1111/Forge cache for the last prompts, so a prompt typed before a
     word existed is encoded again, now with the word (web-UI import inside)."""
