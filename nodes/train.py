@@ -110,10 +110,11 @@ class TrainEmbedding:
                 "steps": ("INT", {"default": default("steps"), "min": 1, "max": 100000,
                                   "tooltip": "Optimisation steps (at most: early stop may end sooner)."}),
                 "learning_rate": ("FLOAT", {"default": default("learning_rate"), "min": 1e-6, "max": 1.0,
-                                            "step": 0.0001, "tooltip": "Base learning rate (paper: 0.005), "
-                                            "multiplied by the batch size as in the paper."}),
+                                            "step": 0.0001, "tooltip": "Learning rate per step, at any batch size "
+                                            "(the paper's 0.005 x batch 4)."}),
                 "batch_size": ("INT", {"default": default("batch_size"), "min": 1, "max": 64,
-                                       "tooltip": "Images per step."}),
+                                       "tooltip": "Images per step. 1 reaches a good word in the fewest "
+                                       "image-passes and needs the least memory."}),
                 "templates": (["object", "style", "captions"], {"default": default("templates"), "tooltip": "Prompts "
                               "the word is trained in: object ('a photo of a <w>'), style ('a painting in the "
                               "style of <w>'), or the captions below, one line per image."}),

@@ -153,7 +153,7 @@ def on_ui_tabs():
                     with gr.Row():
                         resolution = gr.Number(label="Resolution", value=default("resolution"), precision=0,
                                                elem_id="textinv_resolution")
-                        learning_rate = gr.Number(label="Learning rate (per image in the batch)",
+                        learning_rate = gr.Number(label="Learning rate (per step)",
                                                   value=default("learning_rate"))
                         batch_size = gr.Number(label="Batch size", value=default("batch_size"), precision=0)
                     with gr.Row():

@@ -37,8 +37,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--vectors", type=int, default=d("num_vectors"), help="vectors per word (k); 1 is usually enough")
     a("--steps", type=int, default=d("steps"))
     a("--lr", type=float, default=d("learning_rate"),
-      help="base learning rate (multiplied by batch unless --no-scale-lr)")
-    a("--no-scale-lr", action="store_true", help="use --lr as is instead of lr x batch")
+      help="learning rate per step (multiplied by the batch size with --scale-lr)")
+    a("--scale-lr", action=argparse.BooleanOptionalAction, default=d("scale_lr"),
+      help="multiply --lr by the batch size, the paper's rule for its base LR 0.005")
     a("--batch", type=int, default=d("batch_size"))
     a("--resolution", type=int, default=d("resolution"),
       help="training size in pixels (768 for SD2-768, 1024 for SDXL)")
@@ -96,7 +97,7 @@ def train_command(args: argparse.Namespace) -> int:
     captions = read_captions(files) if args.templates == "captions" else None
     config = TrainConfig(
         name=name, init_word=args.init_word, num_vectors=args.vectors, steps=args.steps, learning_rate=args.lr,
-        scale_lr=not args.no_scale_lr, batch_size=args.batch, resolution=args.resolution, templates=args.templates,
+        scale_lr=args.scale_lr, batch_size=args.batch, resolution=args.resolution, templates=args.templates,
         captions=captions, seed=args.seed, flip=not args.no_flip, init_pull=args.init_pull,
         max_norm_ratio=args.max_norm, progressive_steps=_progressive(args.progressive),
         per_image_tokens=args.per_image_tokens, eval_every=args.eval_every, early_stop_patience=args.early_stop,

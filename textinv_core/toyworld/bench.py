@@ -282,7 +282,7 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     tuned = "a tuned setting (default: the engine's, what a user gets); printed as tuned"
     a("--init-word", default=None, help=f"the word the vectors start from; {tuned}")
     a("--steps", type=int, default=None, help=f"inversion step budget; {tuned}")
-    a("--lr", type=float, default=None, help=f"base learning rate; {tuned}")
+    a("--lr", type=float, default=None, help=f"learning rate per step; {tuned}")
     a("--batch", type=int, default=None, help=f"batch size; {tuned}")
     a("--early-stop", type=int, default=None, help=f"early-stopping window in evaluations (0 = off); {tuned}")
     a("--max-norm", type=float, default=None, help=f"norm cap as a multiple of the start word's norm; {tuned}")
