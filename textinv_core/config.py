@@ -37,7 +37,7 @@ class TrainConfig:
     init_word: str = ""                # coarse descriptor the vectors start from ("cat", "toy", ...);
     #                                    empty: the engine searches the vocabulary for one (start.find_start)
     num_vectors: int = 1               # k; the paper finds 1 enough for most concepts
-    steps: int = 2000                  # at most: early stopping usually ends the run well before
+    steps: int = 3000                  # at most: early stopping usually ends the run well before
     learning_rate: float = 2e-2        # per step: the paper's effective LR (base 0.005 x batch 4)
     scale_lr: bool = False             # True: LR = learning_rate x batch, the paper's rule for its base LR
     batch_size: int = 1                # one image per step at the paper's per-step LR: the word moves as far per
@@ -56,7 +56,8 @@ class TrainConfig:
     per_image_tokens: bool = False     # "a photo of S* with S_i": one extra, unsaved token per image
     timestep_range: tuple[float, float] = (0.0, 1.0)  # share of the noise schedule drawn; high noise is where
     #                                    the prompt decides what appears, low noise mostly fits pixel noise
-    eval_every: int = 25               # steps between evaluations on the fixed draws
+    eval_every: int = 100              # steps between evaluations on the fixed draws: 100 images at batch 1, so
+    #                                    early stopping sees as many images per evaluation as at the paper's batch 4
     eval_draws: int = 16               # fixed (image, noise, t) draws of the evaluation set
     early_stop_patience: int = 6       # stop once the last this-many evaluations show no trend beyond their
     #                                    scatter (evaluation.stopped_improving); 0 = off, at least 3 to act
