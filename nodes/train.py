@@ -113,8 +113,8 @@ class TrainEmbedding:
                                             "step": 0.0001, "tooltip": "Learning rate per step, at any batch size "
                                             "(the paper's 0.005 x batch 4)."}),
                 "batch_size": ("INT", {"default": default("batch_size"), "min": 1, "max": 64,
-                                       "tooltip": "Images per step. 1 reaches a good word in the fewest "
-                                       "image-passes and needs the least memory."}),
+                                       "tooltip": "Images per step (the learning rate is per step at any "
+                                       "batch size). 1 needs the least memory."}),
                 "templates": (["object", "style", "captions"], {"default": default("templates"), "tooltip": "Prompts "
                               "the word is trained in: object ('a photo of a <w>'), style ('a painting in the "
                               "style of <w>'), or the captions below, one line per image."}),

@@ -40,9 +40,10 @@ class TrainConfig:
     steps: int = 3000                  # at most: early stopping usually ends the run well before
     learning_rate: float = 2e-2        # per step: the paper's effective LR (base 0.005 x batch 4)
     scale_lr: bool = False             # True: LR = learning_rate x batch, the paper's rule for its base LR
-    batch_size: int = 1                # one image per step at the paper's per-step LR: the word moves as far per
-    #                                    step as with 4 images, for a quarter of the passes and of the activation
-    #                                    memory (bench speed: fewer passes to a good word than batch 4)
+    batch_size: int = 1                # one image per step at the paper's per-step LR: the word moves about as far
+    #                                    per step as with 4 images, for a quarter of the passes and of the activation
+    #                                    memory (bench speed: passes to a good word fewer or equal on plain concepts,
+    #                                    more on a striped circle whose start lacks its shape)
     resolution: int = 512              # pixels; must be a multiple of the host's latent factor
     templates: str = "object"          # "object" | "style" | "captions"
     captions: list[str] | None = None  # one per image with "{}" for the word, when templates="captions"
