@@ -103,7 +103,7 @@ class TrainEmbedding:
                 "init_word": ("STRING", {"default": default("init_word"), "tooltip": "A coarse word for the "
                                          "concept ('cat', 'toy', 'painting'); the new word starts from its "
                                          "embedding. Empty: the node searches the vocabulary for the word that "
-                                         "fits the images best (a few percent of the training's time)."}),
+                                         "fits the images best (under a tenth of a run's image-passes)."}),
                 "vectors": ("INT", {"default": default("num_vectors"), "min": 1, "max": 75, "tooltip": "Tokens the "
                                     "word uses. The paper finds 1 enough; more can capture more detail but edit "
                                     "less easily."}),
