@@ -141,7 +141,7 @@ class TrainEmbedding:
                                                   "1024 for SDXL."}),
                 "eval_every": ("INT", {"default": default("eval_every"), "min": 1, "max": 100000, "tooltip": "Steps "
                                "between evaluations on fixed noise (the loss that early stop and the best word "
-                               "use)."}),
+                               "use); before the first, also at its halves (12, 25, 50 for 100)."}),
                 "eval_draws": ("INT", {"default": default("eval_draws"), "min": 1, "max": 256, "tooltip": "Fixed "
                                "(image, noise, timestep) draws in the evaluation set: more is a steadier loss, fewer "
                                "is faster."}),

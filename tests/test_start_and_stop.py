@@ -25,6 +25,19 @@ def test_noisy_descent_goes_on_while_the_trend_beats_the_scatter():
     assert stopped_improving(noisy_plateau, window=6)
 
 
+def test_evaluations_come_early_too_but_early_stopping_reads_only_the_regular_ones(tiny_host, images):
+    from textinv_core.trainer import Trainer, evaluates_at
+
+    assert [s for s in range(1, 401) if evaluates_at(s, 100)] == [12, 25, 50, 100, 200, 300, 400]
+    assert [s for s in range(1, 7) if evaluates_at(s, 1)] == [1, 2, 3, 4, 5, 6]
+    # A flat loss and a window of 4: the evaluations at steps 1 and 2 (the halving points of 4) stay out
+    # of the window, so the run stops at its fourth regular evaluation (steps 0, 4, 8, 12), not at step 4.
+    trainer = Trainer(tiny_host("sd1"), images, flat_run_config(eval_every=4, lr_drops=0))
+    result = trainer.run()
+    assert [s for s, _ in result.eval_losses][:4] == [0, 1, 2, 4]
+    assert result.stopped_reason == "early_stop" and result.steps_run == 12
+
+
 @pytest.mark.parametrize("family", ["sd1"])
 def test_early_stopping_ends_a_run_whose_loss_is_flat(tiny_host, images, family):
     from textinv_core.trainer import train

@@ -275,7 +275,7 @@ def test_observer_sees_progress_loss_evaluations_and_previews(tiny_host, images)
     train(tiny_host("sd1"), images, small_config(steps=6, eval_every=3, preview_every=3), observer=observer)
     assert [s for s, _, _ in observer.steps] == [1, 2, 3, 4, 5, 6] and observer.steps[0][1] == 6
     assert all(math.isfinite(loss) for _, _, loss in observer.steps)
-    assert observer.evals == [0, 3, 6]
+    assert observer.evals == [0, 1, 3, 6]  # 1: before the first regular evaluation, at its halving point
     assert observer.previews == [(3, (32, 32)), (6, (32, 32))]
 
 

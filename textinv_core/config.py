@@ -59,6 +59,7 @@ class TrainConfig:
     #                                    the prompt decides what appears, low noise mostly fits pixel noise
     eval_every: int = 100              # steps between evaluations on the fixed draws: 100 images at batch 1, so
     #                                    early stopping sees as many images per evaluation as at the paper's batch 4
+    #                                    (and at its halves before the first: trainer.evaluates_at)
     eval_draws: int = 16               # fixed (image, noise, t) draws of the evaluation set
     early_stop_patience: int = 6       # stop once the last this-many evaluations show no trend beyond their
     #                                    scatter (evaluation.stopped_improving); 0 = off, at least 3 to act
