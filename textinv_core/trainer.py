@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from .objective import (
 from .observer import TrainingObserver
 from .recompute import recomputed
 from .snapshots import STOPPED_BY_NAN, Rollback, load_state, write_snapshot
-from .start import GRADIENT_DRAWS, SCREEN_DRAWS, find_start, spread_init, word_start
+from .start import GRADIENT_DRAWS, NOISIER_SHARE, SCREEN_DRAWS, find_start, spread_init, word_start
 from .templates import image_placeholder, preview_prompt, training_prompt
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingError", "TrainingObserver", "spread_init", "train"]
@@ -109,10 +109,11 @@ class Trainer:
         self.max_norm = {k: config.max_norm_ratio * float(v.norm(dim=1).mean()) for k, v in self.init.items()} \
             if config.max_norm_ratio else {}
 
-    def _probe_draws(self, count: int):
+    def _probe_draws(self, count: int, timesteps: tuple[int, int] | None = None):
         """Training-like draws from a generator of their own: planning never moves training's RNG."""
         return draw_batch(torch.Generator().manual_seed(0), count, self.count, self.latents.shape[2:],
-                          self.timesteps, lambda i, t: training_prompt(self.config, i, t), flip=self.config.flip)
+                          timesteps or self.timesteps, lambda i, t: training_prompt(self.config, i, t),
+                          flip=self.config.flip)
 
     def _plan_memory(self) -> MemoryPlan:
         """fast or low; for auto, probed on a batch of the run's size with placeholder vectors of its shape."""
@@ -128,10 +129,14 @@ class Trainer:
         cfg = self.config
         if cfg.init_word.strip():
             return cfg.init_word, 0, word_start(self.host, cfg.init_word, cfg.num_vectors)
+        low, high = cfg.timestep_range
+        noisier = replace(cfg, timestep_range=(low + (high - low) * NOISIER_SHARE, high))  # start.py says why
+        steps = self.host.num_timesteps
         with recomputed(self.recompute_blocks):
-            screen = draws_for_run(cfg, self.count, self.latents.shape[2:], self.host.num_timesteps, SCREEN_DRAWS)
-            found = find_start(self.host, self.latents, self._probe_draws(GRADIENT_DRAWS), screen, cfg.placeholder,
-                               self.weights, chunk=self.memory.micro_batch or cfg.batch_size)
+            screen = draws_for_run(noisier, self.count, self.latents.shape[2:], steps, SCREEN_DRAWS)
+            gradient = self._probe_draws(GRADIENT_DRAWS, timestep_bounds(steps, noisier.timestep_range))
+            found = find_start(self.host, self.latents, gradient, screen, cfg.placeholder, self.weights,
+                               chunk=self.memory.micro_batch or cfg.batch_size)
         log.info("textinv: starting from %r, found in %d image-passes", found.word, found.passes)
         return found.word, found.passes, {k: spread_init(v, cfg.num_vectors) for k, v in found.vectors.items()}
 
