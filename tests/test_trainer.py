@@ -134,6 +134,25 @@ def test_an_empty_init_word_starts_from_a_word_the_engine_finds(tiny_host, image
     assert result.steps_run == 2
 
 
+def test_the_start_search_measures_at_the_noisier_half_of_the_runs_noise_range(tiny_host, images, monkeypatch):
+    import textinv_core.trainer as trainer_module
+
+    seen = []
+    real = trainer_module.find_start
+
+    def spy(host, latents, gradient_draws, screen_draws, *args, **kwargs):
+        seen.append((gradient_draws.timesteps, screen_draws.timesteps))
+        return real(host, latents, gradient_draws, screen_draws, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "find_start", spy)
+    host = tiny_host("sd1")
+    train(host, images, small_config(init_word="", steps=1, timestep_range=(0.2, 0.6)))
+    (gradient, screen), = seen
+    first, last = 0.4 * host.num_timesteps - 1, 0.6 * host.num_timesteps  # the upper half of 0.2-0.6 (float rounding)
+    for timesteps in (gradient, screen):
+        assert int(timesteps.min()) >= first and int(timesteps.max()) < last
+
+
 @pytest.mark.parametrize("steps", [0, -5])
 def test_non_positive_steps_are_refused(tiny_host, images, steps):
     with pytest.raises(TrainingError, match="steps must be at least 1"):
