@@ -105,8 +105,8 @@ class TrainEmbedding:
                                          "embedding. Empty: the node searches the vocabulary for the word that "
                                          "fits the images best (under a tenth of a run's image-passes)."}),
                 "vectors": ("INT", {"default": default("num_vectors"), "min": 1, "max": 75, "tooltip": "Tokens the "
-                                    "word uses. The paper finds 1 enough; more can capture more detail but edit "
-                                    "less easily."}),
+                                    "word uses. The paper finds 1 often enough; 2 (the default) held a concept's "
+                                    "parts together more often; many more edit less easily."}),
                 "steps": ("INT", {"default": default("steps"), "min": 1, "max": 100000,
                                   "tooltip": "Optimisation steps (at most: early stop may end sooner)."}),
                 "learning_rate": ("FLOAT", {"default": default("learning_rate"), "min": 1e-6, "max": 1.0,

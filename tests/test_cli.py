@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from textinv_core.cli import main
+from textinv_core.config import default
 from textinv_core.embedding_file import load_embedding
 
 from .conftest import make_images
@@ -31,7 +32,7 @@ def test_train_writes_a_loadable_embedding_and_info_describes_it(tiny_sd1_folder
     assert run(tiny_sd1_folder, image_dir, out) == 0
     assert "eval loss" in capsys.readouterr().out
     emb = load_embedding(out)
-    assert emb.vectors[""].shape == (1, 768) and emb.metadata["textinv.family"] == "sd1"
+    assert emb.vectors[""].shape == (default("num_vectors"), 768) and emb.metadata["textinv.family"] == "sd1"
     assert main(["info", str(out), "--model", str(tiny_sd1_folder)]) == 0
     text = capsys.readouterr().out
     assert "emb_params" not in text and "vectors: 1" in text and "nearest tokens" in text
@@ -120,5 +121,5 @@ def test_train_from_a_single_file_checkpoint(tmp_path, image_dir, tiny_host):
     checkpoint = export_single_file(build_tiny_components("sd1"), "sd1", tmp_path / "tiny-sd15.safetensors")
     out = tmp_path / "w.safetensors"
     assert run(checkpoint, image_dir, out) == 0
-    assert load_embedding(out).vectors[""].shape == (1, 768)
+    assert load_embedding(out).vectors[""].shape == (default("num_vectors"), 768)
     assert main(["info", str(out), "--model", str(checkpoint)]) == 0

@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 
+from textinv_core.config import default
 from textinv_core.toyworld import scene as world
 from textinv_core.toyworld.model import DEFAULT_MODEL_DIR
 
@@ -67,5 +68,5 @@ def test_demo_writes_a_word_that_scores_better_than_its_init_word(host, tmp_path
 
     report = run_demo(tmp_path, samples=16)  # the defaults, as `textinv demo` runs them (minutes on 2 CPU cores)
     assert report["scores"]["after"] > report["scores"]["before"]
-    assert load_embedding(report["embedding"]).vectors[""].shape == (1, 128)
+    assert load_embedding(report["embedding"]).vectors[""].shape == (default("num_vectors"), 128)
     assert (tmp_path / "before_after.png").is_file() and (tmp_path / "loss.png").is_file()

@@ -34,7 +34,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--images", required=True, nargs="+", help="a folder of images, or image files")
     a("--name", required=True, help="the pseudo-word's name; prompts use it as <name>")
     a("--init-word", default=d("init_word"), help="coarse descriptor to start from, e.g. cat, toy, painting")
-    a("--vectors", type=int, default=d("num_vectors"), help="vectors per word (k); 1 is usually enough")
+    a("--vectors", type=int, default=d("num_vectors"),
+      help="vectors per word (k); the paper finds 1 often enough, 2 held a concept's parts together more often")
     a("--steps", type=int, default=d("steps"))
     a("--lr", type=float, default=d("learning_rate"),
       help="learning rate per step (multiplied by the batch size with --scale-lr)")

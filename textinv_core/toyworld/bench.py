@@ -2,9 +2,10 @@
 
 Renders 5 images of a concept (shape, colour, pattern) on varied backgrounds and sizes, inverts it
 with the engine from an init word, then samples "a photo of S*" and edit prompts for the learned
-word (k = 1, 2, 4 vectors) and for the baselines: the init word, the human caption (the attribute
-words) and a random vector. The scorer reads the samples back; the table, a sample grid and a
-reconstruction-vs-editability scatter come out. Must never change the model or the engine.
+word (k vectors: the engine's default, or the counts --vectors gives) and for the baselines: the
+init word, the human caption (the attribute words) and a random vector. The scorer reads the
+samples back; the table, a sample grid and a reconstruction-vs-editability scatter come out. Must
+never change the model or the engine.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import default
 from ..errors import UserError
 from . import scene as world
 from .figures import image_grid, scatter
@@ -41,7 +43,7 @@ class QualityConfig:
     samples: int = 64                # of "a photo of a S*" per condition and seed (reconstruction)
     edit_samples: int = 16           # per edit prompt, condition and seed (six edits make editability)
     seeds: tuple[int, ...] = (0,)    # inversion + sampling seeds; the spread across them is reported
-    vectors: tuple[int, ...] = (1, 2, 4)
+    vectors: tuple[int, ...] = (default("num_vectors"),)  # vector counts k to learn; the engine's by default
     settings: dict = field(default_factory=dict)  # TrainConfig overrides (tuned settings); {} = the defaults
     restarts: int = 1                # inversions per word (other training seeds); the lowest evaluation loss wins
     images: int = 5
@@ -83,14 +85,18 @@ class Condition:
     stopped_reason: str = ""
 
 
-def inversion_config(cfg: QualityConfig, image_count: int, name: str, k: int = 1, seed: int = 0):
+def inversion_config(cfg: QualityConfig, image_count: int, name: str, k: int | None = None, seed: int = 0):
     """The engine's TrainConfig for one toy-world inversion: the defaults, the toy world's data and size,
-    and the benchmark's overrides (the demo's too)."""
+    and the benchmark's overrides (the demo's too). k: the word's vectors; None = the settings' or the
+    engine's default."""
     from ..trainer import TrainConfig
 
-    return TrainConfig(name=name, num_vectors=k, resolution=world.SIZE, templates="captions",
+    settings = dict(cfg.settings)
+    if k is not None:
+        settings["num_vectors"] = k
+    return TrainConfig(name=name, resolution=world.SIZE, templates="captions",
                        captions=[RECON_TEMPLATE] * image_count, seed=seed, preview_every=0, snapshot_every=0,
-                       **cfg.settings)
+                       **settings)
 
 
 def invert(host, images, concept_seed: int, k: int, cfg: QualityConfig):
@@ -278,7 +284,8 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     a("--edit-samples", type=int, default=16, help="samples per edit prompt, condition and seed")
     a("--seeds", default="0", help="comma-separated seeds (training images, inversion, sampling); "
       "the spread across them is reported")
-    a("--vectors", default="1,2,4", help="comma-separated vector counts k to learn")
+    a("--vectors", default=str(default("num_vectors")), help="comma-separated vector counts k to learn "
+      f"(default: the engine's, {default('num_vectors')}; e.g. 1,2,4 to compare)")
     tuned = "a tuned setting (default: the engine's, what a user gets); printed as tuned"
     a("--init-word", default=None, help=f"the word the vectors start from; {tuned}")
     a("--steps", type=int, default=None, help=f"inversion step budget; {tuned}")
@@ -325,7 +332,7 @@ def run_quality(args: argparse.Namespace) -> int:
         if row.get("start_words"):
             print(f"{label}: per seed {', '.join(repr(w) for w in row['start_words'])}")
     print(format_table(summary))
-    print(verdict(summary))
+    print(verdict(summary, learned=f"learned k={default('num_vectors')}"))
     print(f"wrote {cfg.out / 'grid.png'}, {cfg.out / 'scatter.png'}, {cfg.out / 'results.json'}")
     return 0
 

@@ -2,8 +2,8 @@
 
 For one toy-world concept and several seeds, in one run, three recipes invert the same 5 images:
 - textinv: the engine's defaults, untouched (empty init word, early stopping, norm cap, ...);
-- paper: Gal et al. 2023 (base LR 0.005 scaled by the batch, batch 4, constant LR, up to 5000 steps);
-- diffusers: the diffusers example's README recipe (batch 1 with 4 accumulation steps, i.e. batch 4;
+- paper: Gal et al. 2023 (one vector, base LR 0.005 scaled by the batch, batch 4, constant LR, up to 5000 steps);
+- diffusers: the diffusers example's README recipe (one vector, batch 1 with 4 accumulation steps, i.e. batch 4;
   LR 5e-4 scaled to 2e-3, constant, AdamW weight decay 1e-2, up to 3000 steps).
 The anchors start from the concept's shape, the coarse word a user would give them. Every run is
 measured in UNet image-passes (one image at one timestep, forward and backward): training batches,
@@ -46,10 +46,10 @@ class Recipe:
 
 RECIPES = {
     "textinv": Recipe("textinv", {}, shape_start=False),
-    "paper": Recipe("paper", dict(learning_rate=0.005, scale_lr=True, batch_size=4, steps=5000, early_stop_patience=0,
-                                  max_norm_ratio=0.0)),
-    "diffusers": Recipe("diffusers", dict(learning_rate=2e-3, scale_lr=False, batch_size=4, steps=3000,
-                                          weight_decay=1e-2, early_stop_patience=0, max_norm_ratio=0.0)),
+    "paper": Recipe("paper", dict(num_vectors=1, learning_rate=0.005, scale_lr=True, batch_size=4, steps=5000,
+                                  early_stop_patience=0, max_norm_ratio=0.0)),
+    "diffusers": Recipe("diffusers", dict(num_vectors=1, learning_rate=2e-3, scale_lr=False, batch_size=4,
+                                          steps=3000, weight_decay=1e-2, early_stop_patience=0, max_norm_ratio=0.0)),
 }
 
 
