@@ -35,7 +35,7 @@ def test_train_writes_a_loadable_embedding_and_info_describes_it(tiny_sd1_folder
     assert emb.vectors[""].shape == (default("num_vectors"), 768) and emb.metadata["textinv.family"] == "sd1"
     assert main(["info", str(out), "--model", str(tiny_sd1_folder)]) == 0
     text = capsys.readouterr().out
-    assert "emb_params" not in text and "vectors: 1" in text and "nearest tokens" in text
+    assert "emb_params" not in text and f"vectors: {default('num_vectors')}" in text and "nearest tokens" in text
 
 
 def test_train_resumes_from_its_snapshots(tiny_sd1_folder, image_dir, tmp_path):
