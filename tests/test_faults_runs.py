@@ -146,7 +146,7 @@ def test_ctrl_c_mid_step_saves_the_steps_done_and_resume_retraces_the_run(ws, mo
 
 
 def test_ctrl_c_during_an_evaluation_keeps_the_steps_done(ws, monkeypatch, capsys):
-    ws.use_host(monkeypatch, FaultyHost(ws.host, "interrupt", 2, during="eval"))  # the evaluation at step 2
+    ws.use_host(monkeypatch, FaultyHost(ws.host, "interrupt", 3, during="eval"))  # evaluations at 0, 1, 2: at step 2
     before = tree(ws.root)
     code = run_cli(ws.args("--steps", "8", "--snapshot-every", "100", "--eval-every", "2"))
     last_error_line(code, capsys.readouterr().err, "interrupted", "step 2", "--resume", status=130)
