@@ -16,8 +16,9 @@ MARGIN = {"sd1": 0.004, "sd2": 0.004, "sdxl": 0.05}
 
 
 def small_config(**overrides) -> TrainConfig:
-    values = dict(name="probe", init_word="cat", steps=40, learning_rate=0.1, batch_size=2, resolution=32,
-                  eval_every=20, eval_draws=8, seed=3, max_norm_ratio=0.0)  # random tiny models need long vectors
+    values = dict(name="probe", init_word="cat", num_vectors=1, steps=40, learning_rate=0.1, batch_size=2,
+                  resolution=32, eval_every=20, eval_draws=8, seed=3,
+                  max_norm_ratio=0.0)  # random tiny models need long vectors
     values.update(overrides)
     return TrainConfig(**values)
 
