@@ -17,7 +17,8 @@ Both measure at the noisier half of the schedule: there the prompt decides what 
 difference between candidate words sits almost all there (yellow plain cross, "caption" against "shape
 word": per-draw signal-to-noise 1.5 in the top quarter of t, 0.6 over all t), so a quarter of the draws
 tell candidates apart as well; on the toy world this halved the search's cost (~95 passes instead of
-~165) and a two-vector word reached 90% of the caption in fewer passes on all three concepts tried.
+~165), and a two-vector word reached 90% of the caption in fewer passes than after the search over all
+t (medians of 3 seeds, on each of the three concepts tried).
 A blend is the paper's multi-token average, rescaled to its words' mean norm, so it stays word-sized.
 The cost is a few gradients and forward passes, a small fraction of training; `StartResult.passes`
 counts them as image-passes: a gradient's draw as one pass (forward and backward), a forward-only draw
