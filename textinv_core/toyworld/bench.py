@@ -332,7 +332,8 @@ def run_quality(args: argparse.Namespace) -> int:
         if row.get("start_words"):
             print(f"{label}: per seed {', '.join(repr(w) for w in row['start_words'])}")
     print(format_table(summary))
-    print(verdict(summary, learned=f"learned k={default('num_vectors')}"))
+    judged = default("num_vectors") if default("num_vectors") in cfg.vectors else cfg.vectors[0]
+    print(verdict(summary, learned=f"learned k={judged}"))  # the default word's, or the first k asked for
     print(f"wrote {cfg.out / 'grid.png'}, {cfg.out / 'scatter.png'}, {cfg.out / 'results.json'}")
     return 0
 
