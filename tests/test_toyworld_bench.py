@@ -56,3 +56,18 @@ def test_bench_speed_prints_the_table_and_ratios_and_writes_the_plot(tmp_path, c
     # its 40 training passes (10 steps of 4), plus its evaluations' and memory probe's forwards at a third each
     assert paper["init_word"] == "cross" and 40 < paper["points"][-1][0] <= 40 + 30
     assert (out / "curves.png").stat().st_size > 0
+
+
+def test_bench_speed_table_keeps_every_column_apart_at_full_width():
+    from textinv_core.toyworld.speed import Curve, format_table
+
+    def curve(recipe, seed, end, last, stopped=None):
+        return Curve(recipe, seed, points=[(1200, 9.0, 0.95), (last, 99.0, end)], caption=1.0, stopped_at=stopped)
+
+    curves = [curve("textinv", 0, 0.94, 1865, 1865), curve("textinv", 1, 1.00, 1904, 1904),
+              curve("paper", 0, 0.96, 3072), curve("paper", 1, 0.98, 3072)]
+    header, _, ours, theirs, *_ = format_table(curves).splitlines()
+    assert ours.split() == ["textinv", "2/2", "1200", "[1200-1200]", "9", "[9-9]", "0.97", "[0.94-1.00]",
+                            "1884", "[1865-1904]", "1884", "[1865-1904]"]
+    assert theirs.split()[-4:] == ["[0.96-0.98]", "3072", "[3072-3072]", "-"]
+    assert ours.index("[0.94-1.00]") + len("[0.94-1.00]") == header.index("caption") + len("caption")

@@ -187,7 +187,7 @@ def needed(curve: Curve) -> tuple[int, float, bool]:
 def format_table(curves: list[Curve]) -> str:
     recipes = list(dict.fromkeys(c.recipe for c in curves))
     head = (f"{'recipe':<10} {'reached 90%':>11} {'passes to 90% (median [range])':>32} {'seconds':>16} "
-            f"{'end recon/caption':>18} {'end passes':>16} {'early stop at':>16}")
+            f"{'end recon/caption':>22} {'end passes':>16} {'early stop at':>16}")
     lines = [head, "-" * len(head)]
     per = {r: [c for c in curves if c.recipe == r] for r in recipes}
     for recipe, group in per.items():
@@ -195,10 +195,10 @@ def format_table(curves: list[Curve]) -> str:
         reached = sum(n[2] for n in needs)
         ends = [c.end / max(c.caption, 1e-9) for c in group]
         stops = [c.stopped_at for c in group if c.stopped_at]
+        end = f"{statistics.median(ends):.2f} [{min(ends):.2f}-{max(ends):.2f}]"
         lines.append(f"{recipe:<10} {reached:>7}/{len(group):<3} {_median_spread([n[0] for n in needs]):>32} "
                      f"{_median_spread([n[1] for n in needs]):>16} "
-                     f"{statistics.median(ends):>10.2f} [{min(ends):.2f}-{max(ends):.2f}]"
-                     f"{_median_spread([c.points[-1][0] for c in group]):>16} {_median_spread(stops):>16}")
+                     f"{end:>22} {_median_spread([c.points[-1][0] for c in group]):>16} {_median_spread(stops):>16}")
     if "textinv" in per:
         ours = {c.seed: needed(c)[0] for c in per["textinv"]}
         for recipe, group in per.items():
