@@ -41,8 +41,8 @@ def start_row(host, concept: dict, seed: int, samples: int) -> dict:
     phrase = f"{concept['colour']} {concept['pattern']} {concept['shape']}"
     caption = reconstruction(sample(host, RECON_TEMPLATE.format(phrase), count=samples, seed=seed + 1),
                              concept)["graded"]
-    config = inversion_config(QualityConfig(concept=concept, settings={}), len(images), "toy-start", seed=seed)
-    trainer = Trainer(host, images, config)  # runs the search: the init word is empty at the defaults
+    config = inversion_config(QualityConfig(concept=concept, settings={}), len(images), "toy-speed", seed=seed)
+    trainer = Trainer(host, images, config)  # runs the search (empty init word), named as `bench speed` names it
     placeholder = config.placeholder
     words = {placeholder: {k: v.detach() for k, v in trainer.init.items()}}
     start = sample(host, RECON_TEMPLATE.format(placeholder), words, count=samples, seed=seed + 1)
