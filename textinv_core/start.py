@@ -168,7 +168,7 @@ class _Search:
         if n < self.k:
             order = self._ranked(grad, [p for p in range(self.k) if p % (n + 1) == n])
             fresh = [t for t in order[:PROPOSED + len(used)] if t not in used][:PROPOSED]
-            by_loss = [t for t in singles_by_loss if t not in used][:PROPOSED if n else 0]
+            by_loss = [t for t in singles_by_loss if t not in used][:PROPOSED]
             return list(dict.fromkeys((*current, (t,)) for t in fresh + by_loss))
         blends = []
         for j, slot in enumerate(current):
