@@ -154,32 +154,6 @@ def test_the_start_search_measures_at_the_noisier_half_of_the_runs_noise_range(t
         assert int(timesteps.min()) >= first and int(timesteps.max()) < last
 
 
-def test_a_multi_vector_start_searches_each_slot_for_its_own_word(tiny_host, images):
-    """k slots: while one is empty the next is filled with a word not used yet; once all are filled a
-    round blends one slot with one more word; the start vectors are one row per slot."""
-    from textinv_core.start import PROPOSED, SCREEN_DRAWS, _Search, find_start
-
-    host = tiny_host("sd1")
-    trainer = Trainer(host, images, small_config(init_word="object", num_vectors=2))
-    draws = trainer._probe_draws(4)
-    search = _Search(host, trainer.latents, draws, draws, trainer.config.placeholder, None, 4, k=2)
-    first = search.proposals((), search.vectors(()), [])
-    assert len(first) == PROPOSED and all(len(c) == 1 and len(c[0]) == 1 for c in first)
-    (a,), = first[0]
-    one = search.vectors(((a,),))
-    assert one["clip_l"].shape == (2, 768) and torch.equal(one["clip_l"][0], one["clip_l"][1])  # cycled
-    second = search.proposals(((a,),), one, singles_by_loss=[a, 7, 8])
-    assert second and all(len(c) == 2 and c[0] == (a,) and a not in c[1] for c in second)
-    assert ((a,), (7,)) in second  # the lowest-loss single words are proposed too
-    both = ((a,), second[0][1])
-    blends = search.proposals(both, search.vectors(both), singles_by_loss=[9])
-    assert blends and all(sum(len(s) for s in c) == 3 and all(set(x) <= set(y) for x, y in zip(both, c))
-                          for c in blends)
-    found = find_start(host, trainer.latents, draws, trainer._probe_draws(SCREEN_DRAWS), trainer.config.placeholder,
-                       k=2)
-    assert found.vectors["clip_l"].shape == (2, 768) and found.word.strip() and found.passes > 0
-
-
 @pytest.mark.parametrize("steps", [0, -5])
 def test_non_positive_steps_are_refused(tiny_host, images, steps):
     with pytest.raises(TrainingError, match="steps must be at least 1"):

@@ -136,9 +136,9 @@ class Trainer:
             screen = draws_for_run(noisier, self.count, self.latents.shape[2:], steps, SCREEN_DRAWS)
             gradient = self._probe_draws(GRADIENT_DRAWS, timestep_bounds(steps, noisier.timestep_range))
             found = find_start(self.host, self.latents, gradient, screen, cfg.placeholder, self.weights,
-                               chunk=self.memory.micro_batch or cfg.batch_size, k=cfg.num_vectors)
+                               chunk=self.memory.micro_batch or cfg.batch_size)
         log.info("textinv: starting from %r, found in %d image-passes", found.word, found.passes)
-        return found.word, found.passes, found.vectors
+        return found.word, found.passes, {k: spread_init(v, cfg.num_vectors) for k, v in found.vectors.items()}
 
     # -- prompts -------------------------------------------------------------------------------
     def active_count(self, step: int) -> int:
