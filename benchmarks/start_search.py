@@ -27,6 +27,7 @@ from textinv_core.toyworld.bench import RECON_TEMPLATE, QualityConfig, inversion
 from textinv_core.toyworld.metrics import reconstruction
 from textinv_core.toyworld.model import load_host
 from textinv_core.toyworld.sampling import sample
+from textinv_core.toyworld.speed import seed_images_and_caption
 from textinv_core.trainer import Trainer
 
 # the six held-out concepts and two the model was trained on (two striped, one of them weak at the defaults)
@@ -37,15 +38,13 @@ CONCEPTS = ("shape=circle,colour=yellow,pattern=striped;shape=circle,colour=red,
 
 
 def start_row(host, concept: dict, seed: int, samples: int) -> dict:
-    images = [world.render(s) for s in world.concept_images(concept, count=5, seed=seed)]
-    phrase = f"{concept['colour']} {concept['pattern']} {concept['shape']}"
-    caption = reconstruction(sample(host, RECON_TEMPLATE.format(phrase), count=samples, seed=seed + 1),
-                             concept)["graded"]
+    images, caption = seed_images_and_caption(host, concept, seed, samples)
     config = inversion_config(QualityConfig(concept=concept, settings={}), len(images), "toy-speed", seed=seed)
     trainer = Trainer(host, images, config)  # runs the search (empty init word), named as `bench speed` names it
     placeholder = config.placeholder
     words = {placeholder: {k: v.detach() for k, v in trainer.init.items()}}
     start = sample(host, RECON_TEMPLATE.format(placeholder), words, count=samples, seed=seed + 1)
+    phrase = f"{concept['colour']} {concept['pattern']} {concept['shape']}"
     return dict(concept=phrase, seed=seed, word=trainer.init_word, passes=trainer.start_passes,
                 ratio=reconstruction(start, concept)["graded"] / max(caption, 1e-9),
                 has_shape=concept["shape"] in trainer.init_word.split())

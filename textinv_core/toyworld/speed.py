@@ -147,6 +147,15 @@ def run_recipe(host, images, concept, recipe: Recipe, seed: int, samples: int, c
     return curve
 
 
+def seed_images_and_caption(host, concept: dict, seed: int, samples: int) -> tuple[list, float]:
+    """One seed's 5 training images and the human caption's reconstruction, the mark's reference
+    (sampled with the seed every checkpoint of that seed uses)."""
+    images = [world.render(s) for s in world.concept_images(concept, count=5, seed=seed)]
+    phrase = f"{concept['colour']} {concept['pattern']} {concept['shape']}"
+    caption = reconstruction(sample(host, RECON_TEMPLATE.format(phrase), count=samples, seed=seed + 1), concept)
+    return images, caption["graded"]
+
+
 def run_speed(concept: dict, seeds: list[int], recipes: list[str], samples: int, out: Path,
               max_passes: int | None = None, model: Path | None = None) -> list[Curve]:
     from .model import load_host
@@ -154,11 +163,8 @@ def run_speed(concept: dict, seeds: list[int], recipes: list[str], samples: int,
     host = load_host(model)
     out.mkdir(parents=True, exist_ok=True)
     curves = []
-    caption_phrase = f"{concept['colour']} {concept['pattern']} {concept['shape']}"
     for seed in seeds:
-        images = [world.render(s) for s in world.concept_images(concept, count=5, seed=seed)]
-        caption = reconstruction(sample(host, RECON_TEMPLATE.format(caption_phrase), count=samples, seed=seed + 1),
-                                 concept)["graded"]
+        images, caption = seed_images_and_caption(host, concept, seed, samples)
         for name in recipes:
             curve = run_recipe(host, images, concept, RECIPES[name], seed, samples, caption, max_passes)
             log.info("%s seed %d: %s", name, seed, curve.points[-1])
