@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import pickle
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -155,12 +155,34 @@ def detect_prediction_type(sd: dict[str, torch.Tensor], family: str) -> str:
 
 
 def _empty_weights():
-    """Build modules without random init (parameters on meta, buffers real) when accelerate is there."""
+    """Build modules without random init (parameters on meta, buffers real): every weight comes from the
+    file, and a random init first costs time and memory (full-size SDXL: about a minute of CPU and a
+    second copy of the model). accelerate's helper when it is installed, else the same in a few lines
+    (accelerate is not a dependency of the pack)."""
     try:
         from accelerate import init_empty_weights
     except ImportError:
-        return nullcontext()
+        return _parameters_on_meta()
     return init_empty_weights()
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Every parameter a module registers goes to the meta device (its init then costs nothing); buffers
+    stay real, as some are not in any file (CLIP's position ids)."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            kept = module._parameters[name]
+            module._parameters[name] = type(kept)(kept.to("meta"), requires_grad=kept.requires_grad)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def _load(
