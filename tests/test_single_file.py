@@ -181,6 +181,21 @@ def test_sd1_safetensors_loads_bit_exact_as_epsilon(models, tmp_path):
     assert_same_text_output(components, loaded)
 
 
+def test_models_are_built_without_the_random_init_the_file_replaces():
+    """A random init of every weight cost full-size SDXL a minute and a second copy of the model at load
+    (benchmarks/single_file_load.py); buffers no file holds (CLIP's position ids) must stay real."""
+    from transformers import CLIPTextModel
+
+    from textinv_core.hosts.single_file import _empty_weights
+
+    with _empty_weights():
+        built = _clip(CLIPTextModel, 64, "quick_gelu")
+        linear = torch.nn.Linear(4, 3)
+    assert {p.device.type for p in [*built.parameters(), *linear.parameters()]} == {"meta"}
+    assert all(b.device.type == "cpu" for b in built.buffers()) and list(built.buffers())
+    assert torch.nn.Linear(4, 3).weight.device.type == "cpu"  # the context is left as it was found
+
+
 def test_forward_check_catches_a_wrong_head_count(models):
     """The output tolerance is loose enough for float reordering, never for a wrongly configured model."""
     from diffusers import UNet2DConditionModel
