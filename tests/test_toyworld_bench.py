@@ -71,3 +71,21 @@ def test_bench_speed_table_keeps_every_column_apart_at_full_width():
                             "1884", "[1865-1904]", "1884", "[1865-1904]"]
     assert theirs.split()[-4:] == ["[0.96-0.98]", "3072", "[3072-3072]", "-"]
     assert ours.index("[0.94-1.00]") + len("[0.94-1.00]") == header.index("caption") + len("caption")
+
+
+def test_the_anchor_recipes_keep_their_own_settings_whatever_the_engine_defaults():
+    """The paper and the diffusers example draw t over the whole schedule and start from a given word;
+    textinv's defaults (a narrower range, the searched start) must not leak into them."""
+    from textinv_core.config import default
+    from textinv_core.toyworld.speed import RECIPES, recipe_config
+
+    concept = {"shape": "cross", "colour": "yellow", "pattern": "plain"}
+    ours = recipe_config(RECIPES["textinv"], concept, 5, seed=0, max_passes=None)
+    assert ours.timestep_range == default("timestep_range") and ours.init_word == ""
+    for name, lr, steps in (("paper", 0.005, 5000), ("diffusers", 2e-3, 3000)):
+        anchor = recipe_config(RECIPES[name], concept, 5, seed=0, max_passes=None)
+        assert anchor.timestep_range == (0.0, 1.0) and anchor.init_word == "cross"
+        assert (anchor.num_vectors, anchor.batch_size, anchor.steps, anchor.early_stop_patience) == (1, 4, steps, 0)
+        assert anchor.effective_lr == pytest.approx(0.02 if name == "paper" else lr)
+    capped = recipe_config(RECIPES["paper"], concept, 5, seed=0, max_passes=400)
+    assert capped.steps == 100  # 400 passes at batch 4

@@ -44,12 +44,14 @@ class Recipe:
     shape_start: bool = True                      # start from the concept's shape (anchors) or the defaults'
 
 
+WHOLE_SCHEDULE = (0.0, 1.0)  # both anchors draw t uniformly over all of the noise schedule
 RECIPES = {
     "textinv": Recipe("textinv", {}, shape_start=False),
     "paper": Recipe("paper", dict(num_vectors=1, learning_rate=0.005, scale_lr=True, batch_size=4, steps=5000,
-                                  early_stop_patience=0, max_norm_ratio=0.0)),
+                                  early_stop_patience=0, max_norm_ratio=0.0, timestep_range=WHOLE_SCHEDULE)),
     "diffusers": Recipe("diffusers", dict(num_vectors=1, learning_rate=2e-3, scale_lr=False, batch_size=4,
-                                          steps=3000, weight_decay=1e-2, early_stop_patience=0, max_norm_ratio=0.0)),
+                                          steps=3000, weight_decay=1e-2, early_stop_patience=0, max_norm_ratio=0.0,
+                                          timestep_range=WHOLE_SCHEDULE)),
 }
 
 
@@ -122,17 +124,23 @@ class Measure:
         return False
 
 
-def run_recipe(host, images, concept, recipe: Recipe, seed: int, samples: int, caption: float,
-               max_passes: int | None) -> Curve:
-    from ..trainer import Trainer
-
+def recipe_config(recipe: Recipe, concept: dict, image_count: int, seed: int, max_passes: int | None):
+    """The TrainConfig one recipe runs with: the engine's defaults under the recipe's own settings, and the
+    anchors' start at the concept's shape word."""
     settings = dict(recipe.settings)
     if recipe.shape_start:
         settings["init_word"] = concept["shape"]
     if max_passes:
         settings["steps"] = min(settings.get("steps", default("steps")),
                                 max_passes // settings.get("batch_size", default("batch_size")))
-    config = inversion_config(QualityConfig(concept=concept, settings=settings), len(images), "toy-speed", seed=seed)
+    return inversion_config(QualityConfig(concept=concept, settings=settings), image_count, "toy-speed", seed=seed)
+
+
+def run_recipe(host, images, concept, recipe: Recipe, seed: int, samples: int, caption: float,
+               max_passes: int | None) -> Curve:
+    from ..trainer import Trainer
+
+    config = recipe_config(recipe, concept, len(images), seed, max_passes)
     curve = Curve(recipe.name, seed, caption=caption)
     measure = Measure(host, concept, curve, samples, sample_seed=seed + 1, per_step=config.batch_size,
                       eval_draws=config.eval_draws)
