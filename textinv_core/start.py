@@ -13,12 +13,13 @@ and the loss decides (AutoPrompt, Shin et al. 2020; GCG, Zou et al. 2023):
   round's best few on many (paired draws, so the comparison is of the words, not of the noise; on 24
   draws "red" beat "red circle" for a red circle, on 48 and 96 it did not, and training from "red"
   never found the shape); the search moves while that loss falls.
-Both measure at the noisier half of the schedule: there the prompt decides what appears, and the loss
-difference between candidate words sits almost all there (yellow plain cross, "caption" against "shape
-word": per-draw signal-to-noise 1.5 in the top quarter of t, 0.6 over all t), so a quarter of the draws
-tell candidates apart as well; on the toy world this halved the search's cost (~95 passes instead of
-~165), and a two-vector word reached 90% of the caption in fewer passes than after the search over all
-t (medians of 3 seeds, on each of the three concepts tried).
+Both measure at the noisier half of the run's range of t (of the defaults' (0.25, 1): t from 0.625 to 1):
+there the prompt decides what appears, and the loss difference between candidate words sits almost all
+there (yellow plain cross, "caption" against "shape word": per-draw signal-to-noise 1.5 in the top
+quarter of t, 0.6 over all t), so a quarter of the draws tell candidates apart as well; on the toy world
+this halved the search's cost (~95 passes instead of ~165), and a two-vector word reached 90% of the
+caption in fewer passes than after the search over all t (medians of 3 seeds, on each of the three
+concepts tried).
 A blend is the paper's multi-token average, rescaled to its words' mean norm, so it stays word-sized.
 The cost is a few gradients and forward passes, a small fraction of training; `StartResult.passes`
 counts them as image-passes: a gradient's draw as one pass (forward and backward), a forward-only draw
