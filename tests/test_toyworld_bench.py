@@ -73,6 +73,25 @@ def test_bench_speed_table_keeps_every_column_apart_at_full_width():
     assert ours.index("[0.94-1.00]") + len("[0.94-1.00]") == header.index("caption") + len("caption")
 
 
+def test_bench_speed_counts_a_textinv_run_that_never_reaches_the_mark_as_never_not_as_its_best():
+    """An anchor that never reaches 90% is credited with its own best (the issue's rule); textinv's stalled
+    run must not be: its best may come early, which would flatter the ratio."""
+    from textinv_core.toyworld.speed import Curve, format_table
+
+    def curve(recipe, seed, points):
+        return Curve(recipe, seed, points=points, caption=1.0)
+
+    stalled = [(50, 1.0, 0.80), (800, 20.0, 0.75)]
+    curves = [curve("textinv", 0, [(100, 2.0, 0.95)]), curve("textinv", 1, stalled),
+              curve("textinv", 2, stalled), curve("paper", 0, [(400, 8.0, 0.95)]),
+              curve("paper", 1, [(600, 9.0, 0.92)]), curve("paper", 2, [(900, 9.5, 0.85)])]
+    lines = format_table(curves).splitlines()
+    ours = lines[2].split()
+    assert ours[:5] == ["textinv", "1/3", "never", "[100-never]", "never"]
+    ratio = next(line for line in lines if line.startswith("passes to 90%: paper"))
+    assert "median 0.0x [0.0-4.0]" in ratio and "textinv: a run that never reached 90% counts as never" in ratio
+
+
 def test_the_anchor_recipes_keep_their_own_settings_whatever_the_engine_defaults():
     """The paper and the diffusers example draw t over the whole schedule and start from a given word;
     textinv's defaults (a narrower range, the searched start) must not leak into them."""
