@@ -202,11 +202,11 @@ def needed(curve: Curve) -> tuple[int, float, bool]:
     return passes, seconds, False
 
 
-def ours_needed(curve: Curve) -> float:
-    """textinv's passes to the mark; a run that never gets there counts as never (infinite), not as its own
-    best: the anchors' fallback would credit a word that stalled early with few passes."""
-    passes, _, reached = needed(curve)
-    return passes if reached else math.inf
+def counted(curve: Curve) -> tuple[float, float]:
+    """(passes, seconds) the table counts: an anchor that never reaches the mark at its own best (the issue's
+    rule); a textinv run that never does as never (infinite), since its best may come early, before it stalls."""
+    passes, seconds, reached = needed(curve)
+    return (passes, seconds) if reached or curve.recipe != "textinv" else (math.inf, math.inf)
 
 
 def format_table(curves: list[Curve]) -> str:
@@ -221,17 +221,16 @@ def format_table(curves: list[Curve]) -> str:
         ends = [c.end / max(c.caption, 1e-9) for c in group]
         stops = [c.stopped_at for c in group if c.stopped_at]
         end = f"{statistics.median(ends):.2f} [{min(ends):.2f}-{max(ends):.2f}]"
-        passes = [ours_needed(c) for c in group] if recipe == "textinv" else [n[0] for n in needs]
-        seconds = [n[1] if n[2] or recipe != "textinv" else math.inf for n in needs]
-        lines.append(f"{recipe:<10} {reached:>7}/{len(group):<3} {_median_spread(passes):>32} "
-                     f"{_median_spread(seconds):>16} "
+        counts = [counted(c) for c in group]
+        lines.append(f"{recipe:<10} {reached:>7}/{len(group):<3} {_median_spread([n[0] for n in counts]):>32} "
+                     f"{_median_spread([n[1] for n in counts]):>16} "
                      f"{end:>22} {_median_spread([c.points[-1][0] for c in group]):>16} {_median_spread(stops):>16}")
     if "textinv" in per:
-        ours = {c.seed: ours_needed(c) for c in per["textinv"]}
+        ours = {c.seed: counted(c)[0] for c in per["textinv"]}
         for recipe, group in per.items():
             if recipe == "textinv":
                 continue
-            ratios = [needed(c)[0] / ours[c.seed] for c in group if c.seed in ours]
+            ratios = [counted(c)[0] / ours[c.seed] for c in group if c.seed in ours]
             lines.append(f"passes to 90%: {recipe} / textinv = median {statistics.median(ratios):.1f}x "
                          f"[{min(ratios):.1f}-{max(ratios):.1f}] over {len(ratios)} seeds"
                          + ("" if all(needed(c)[2] for c in group) else f" ({recipe}: a run that never reached 90% "
