@@ -36,7 +36,6 @@ class TrainConfig:
     name: str
     init_word: str = ""                # coarse descriptor the vectors start from ("cat", "toy", ...);
     #                                    empty: the engine searches the vocabulary for one (start.find_start)
-    #                                    and starts every vector but the last from it (start.with_free_slot)
     num_vectors: int = 2               # k, the vectors of the one word: the paper finds 1 enough for most concepts,
     #                                    but on the toy world one vector kept shape, colour and pattern together
     #                                    only on plain ones (striped circles: 0.76-0.84x the caption at k=1,
