@@ -80,7 +80,7 @@ def with_free_slot(found: torch.Tensor, table: torch.Tensor, k: int) -> torch.Te
     (docs/toyworld/README.md, "One slot left free")."""
     if k < 2:
         return spread_init(found, k)
-    mean = table.mean(0, dtype=torch.float32)  # no fp32 copy of a half-precision table on the GPU
+    mean = table.float().mean(0)
     free = mean / mean.norm().clamp_min(1e-12) * found[0].norm()
     return torch.cat([spread_init(found, k - 1), free.to(found)[None]])
 
