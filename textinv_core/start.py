@@ -21,8 +21,6 @@ this halved the search's cost (~95 passes instead of ~165), and a two-vector wor
 caption in fewer passes than after the search over all t (medians of 3 seeds, on each of the three
 concepts tried).
 A blend is the paper's multi-token average, rescaled to its words' mean norm, so it stays word-sized.
-The search finds one vector; a word of k vectors starts with it in k - 1 slots and the last slot free
-(`with_free_slot`).
 The cost is a few gradients and forward passes, a small fraction of training; `StartResult.passes`
 counts them as image-passes: a gradient's draw as one pass (forward and backward), a forward-only draw
 as a third of one (the backward costs about two forwards).
@@ -73,11 +71,11 @@ def spread_init(tokens: torch.Tensor, k: int) -> torch.Tensor:
 def with_free_slot(found: torch.Tensor, table: torch.Tensor, k: int) -> torch.Tensor:
     """k start vectors from the one vector the search found ([1, width]): the found word in every slot
     but the last, which starts at the vocabulary's mean direction, scaled to the found word's norm.
-    The found word often lacks a part of the concept (on the toy world: the right shape, in all 9 starts
-    of the three held-out striped concepts), and k copies of it trained from there sometimes
-    never found it (2 of those 9 runs within 800 passes); with one slot committed to no word, 1 of the 9
-    stayed stuck, and the median passes to 90% of the caption fell on all three concepts
-    (docs/toyworld/README.md, "One slot left free")."""
+    The found word often lacks a part of the concept (on the toy world: the shape, in all 9 starts of the
+    three held-out striped concepts), and k copies of it trained from there sometimes never found it
+    (2 of those 9 runs by 800 passes); with one slot committed to no word, none stayed stuck but one,
+    and the medians of passes to 90% of the caption fell on all three (docs/toyworld/README.md, "One
+    slot left free")."""
     if k < 2:
         return spread_init(found, k)
     mean = table.float().mean(0)
