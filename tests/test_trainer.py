@@ -168,36 +168,6 @@ def test_multi_token_init_word_is_averaged_or_spread():
     assert torch.equal(spread_init(tokens[:1], 3), tokens[:1].repeat(3, 1))
 
 
-def test_a_found_start_fills_all_slots_but_the_last_which_starts_free():
-    from textinv_core.start import with_free_slot
-
-    table = torch.randn(50, 8) + 0.5  # a mean direction that no row is
-    found = torch.randn(1, 8)
-    assert torch.equal(with_free_slot(found, table, 1), found)
-    start = with_free_slot(found, table, 3)
-    assert torch.equal(start[:2], found.repeat(2, 1))
-    assert torch.allclose(start[2].norm(), found.norm())
-    assert torch.allclose(start[2] / start[2].norm(), table.mean(0) / table.mean(0).norm())
-
-
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_the_searched_start_of_a_two_vector_word_has_a_free_slot_per_encoder(tiny_host, images, family, monkeypatch):
-    import textinv_core.trainer as trainer_module
-    from textinv_core.start import StartResult
-
-    host = tiny_host(family)
-    found = {key: rows[:1] for key, rows in host.word_vectors("dog").items()}
-    monkeypatch.setattr(trainer_module, "find_start", lambda *args, **kwargs: StartResult("dog", found, 7))
-    searched = Trainer(host, images, small_config(init_word="", num_vectors=2, steps=1)).init
-    given = Trainer(host, images, small_config(init_word="cat", num_vectors=2, steps=1)).init
-    for key, start in searched.items():
-        mean = host.token_table(key).detach().float().mean(0)
-        assert torch.equal(start[0], found[key][0].to(start))
-        assert torch.allclose(start[0].norm(), start[1].norm())
-        assert torch.allclose(start[1] / start[1].norm(), (mean / mean.norm()).to(start), atol=1e-6)
-        assert torch.equal(given[key][0], given[key][1])  # a word the user gives starts every slot (the paper)
-
-
 def test_multi_token_init_word_trains(tiny_host, images):
     host = tiny_host("sd1")
     assert host.word_vectors("teddy bear")["clip_l"].shape[0] == 2
