@@ -68,21 +68,6 @@ def spread_init(tokens: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack([tokens[i % n] for i in range(k)])
 
 
-def with_free_slot(found: torch.Tensor, table: torch.Tensor, k: int) -> torch.Tensor:
-    """k start vectors from the one vector the search found ([1, width]): the found word in every slot
-    but the last, which starts at the vocabulary's mean direction, scaled to the found word's norm.
-    The found word often lacks a part of the concept (on the toy world: the shape, in all 9 starts of the
-    three held-out striped concepts), and k copies of it trained from there sometimes never found it
-    (2 of those 9 runs by 800 passes); with one slot committed to no word, none stayed stuck but one,
-    and the medians of passes to 90% of the caption fell on all three (docs/toyworld/README.md, "One
-    slot left free")."""
-    if k < 2:
-        return spread_init(found, k)
-    mean = table.float().mean(0)
-    free = mean / mean.norm().clamp_min(1e-12) * found[0].norm()
-    return torch.cat([spread_init(found, k - 1), free.to(found)[None]])
-
-
 def word_start(host: Host, init_word: str, k: int) -> WordVectors:
     """The paper's start: the embedding of a coarse descriptor word, spread over k vectors."""
     tokens = host.word_vectors(init_word)

@@ -33,7 +33,7 @@ from .objective import (
 from .observer import TrainingObserver
 from .recompute import recomputed
 from .snapshots import STOPPED_BY_NAN, Rollback, load_state, write_snapshot
-from .start import GRADIENT_DRAWS, NOISIER_SHARE, SCREEN_DRAWS, find_start, spread_init, with_free_slot, word_start
+from .start import GRADIENT_DRAWS, NOISIER_SHARE, SCREEN_DRAWS, find_start, spread_init, word_start
 from .templates import image_placeholder, preview_prompt, training_prompt
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingError", "TrainingObserver", "spread_init", "train"]
@@ -138,9 +138,7 @@ class Trainer:
             found = find_start(self.host, self.latents, gradient, screen, cfg.placeholder, self.weights,
                                chunk=self.memory.micro_batch or cfg.batch_size)
         log.info("textinv: starting from %r, found in %d image-passes", found.word, found.passes)
-        tables = {key: self.host.token_table(key).detach() for key in found.vectors}
-        return found.word, found.passes, {key: with_free_slot(v, tables[key], cfg.num_vectors)
-                                          for key, v in found.vectors.items()}
+        return found.word, found.passes, {k: spread_init(v, cfg.num_vectors) for k, v in found.vectors.items()}
 
     # -- prompts -------------------------------------------------------------------------------
     def active_count(self, step: int) -> int:
