@@ -125,9 +125,12 @@ class TrainEmbedding:
                                             "retrain."}),
                 "early_stop": ("INT", {"default": default("early_stop_patience"), "min": 0, "max": 1000,
                                        "tooltip": "When this many evaluations in a row show no downward "
-                                                  "trend of the evaluation loss beyond its scatter, go back to the "
-                                                  f"best word and on at {LR_DROP:g}x the learning rate "
-                                                  f"({default('lr_drops')} times), then stop (0 = never). The "
+                                                  "trend of the evaluation loss beyond its scatter, first try "
+                                                  "swapping one of the best word's vectors for a vocabulary word "
+                                                  f"that lowers the loss (up to {default('word_swaps')} times), "
+                                                  f"else go back to the best word and on at {LR_DROP:g}x the "
+                                                  f"learning rate ({default('lr_drops')} times), then stop "
+                                                  "(0 = never). The "
                                                   "best word so far is what is saved."}),
                 "save_every": ("INT", {"default": default("snapshot_every"), "min": 0, "max": 100000,
                                        "tooltip": "Write a snapshot to output/textinv/<name>/ every N steps (0 = "

@@ -50,7 +50,7 @@ def flat_run_config(**overrides):
     from textinv_core.trainer import TrainConfig
 
     settings = dict(name="probe", init_word="cat", steps=400, learning_rate=1e-9, batch_size=2, resolution=32,
-                    eval_every=2, eval_draws=4, early_stop_patience=4, preview_every=0, memory="fast")
+                    eval_every=2, eval_draws=4, early_stop_patience=4, preview_every=0, memory="fast", word_swaps=0)
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -123,3 +123,81 @@ def test_the_default_start_beats_object_on_a_short_toy_inversion():
     assert found.eval_losses[0][0] == neutral.eval_losses[0][0] == 0  # the same fixed draws scored both
     assert found.init_eval_loss < neutral.init_eval_loss
     assert found.best_eval_loss < neutral.best_eval_loss
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_a_plateau_tries_a_word_swap_first_and_keeps_it_only_if_its_trial_beats_the_best(tiny_host, images,
+                                                                                         monkeypatch, kept):
+    import torch
+
+    from textinv_core.trainer import Trainer
+
+    trainer = Trainer(tiny_host("sd1"), images, flat_run_config(word_swaps=1, lr_drops=1))
+    tried = []
+
+    def trial(vectors, steps):  # a trial that ends on the swapped word itself, scored as the test asks
+        tried.append(({k: v.clone() for k, v in vectors.items()}, steps))
+        with torch.no_grad():
+            for key, v in trainer.vectors.items():
+                v.copy_(vectors[key])
+        return trainer.best.loss + (-1.0 if kept else 1.0)
+
+    monkeypatch.setattr(trainer, "_trial", trial)
+    result = trainer.run()
+    assert [steps for _, steps in tried] == [1, 1]  # two finalists, a quarter of eval_every=2 steps each
+    table = trainer.host.token_table("clip_l").float().cpu()
+    for swapped, _ in tried:  # one vector of the word replaced by a row of the vocabulary
+        rows = swapped["clip_l"]
+        assert sum(bool((table == row).all(1).any()) for row in rows) >= 1
+    assert result.swap_passes > 0 and result.stopped_reason == "early_stop"
+    if kept:  # trained on from the swapped word; the drop came at the next plateau
+        (step, change), = result.swaps
+        assert change.startswith("vector ") and result.lr_drops and step < result.lr_drops[0]
+        assert any(torch.equal(result.vectors["clip_l"], w["clip_l"]) for w, _ in tried)
+    else:     # as if no swap had been tried: the plateau drops the learning rate
+        assert result.swaps == [] and len(result.lr_drops) == 1
+
+
+def test_a_rejected_swap_leaves_the_run_as_it_was(tiny_host, images, monkeypatch):
+    import torch
+
+    from textinv_core.trainer import Trainer
+
+    trainer = Trainer(tiny_host("sd1"), images, flat_run_config(word_swaps=1, learning_rate=1e-2))
+    for _ in range(3):
+        trainer.train_step()
+    trainer._record_eval()
+    vectors = {k: v.detach().clone() for k, v in trainer.vectors.items()}
+    moments = {i: {s: t.clone() for s, t in trainer.optimizer.state[p].items()}
+               for i, p in enumerate(trainer.vectors.values())}
+    step, losses, best = trainer.step, list(trainer.train_losses), trainer.best.loss
+    monkeypatch.setattr(trainer, "_trial", lambda v, n: trainer.best.loss + 1.0)
+    assert not trainer._swap_at_plateau()
+    assert (trainer.step, trainer.train_losses, trainer.best.loss, trainer.swaps) == (step, losses, best, [])
+    for key, v in trainer.vectors.items():
+        assert torch.equal(v.detach(), vectors[key])
+    for i, p in enumerate(trainer.vectors.values()):
+        assert all(torch.equal(trainer.optimizer.state[p][s], t) for s, t in moments[i].items())
+
+
+def test_a_swap_puts_back_the_shape_a_word_lacks_on_the_toy_world():
+    """A word with the colour and the pattern but no shape, the basin that training from 'plain' can settle in
+    on the blue plain square: the swap puts 'square' into one of its vectors, and 25 steps from there beat it."""
+    from textinv_core.toyworld import scene as world
+    from textinv_core.toyworld.bench import RECON_TEMPLATE
+    from textinv_core.toyworld.model import DEFAULT_MODEL_DIR, load_host
+    from textinv_core.trainer import TrainConfig, Trainer
+
+    if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
+        pytest.skip("the toy model (textinv_core/toyworld/weights) is not in this checkout")
+    host = load_host(None)
+    concept = {"shape": "square", "colour": "blue", "pattern": "plain"}
+    images = [world.render(s) for s in world.concept_images(concept, count=5, seed=1)]
+    config = TrainConfig(name="swap", init_word="blue plain", templates="captions", captions=[RECON_TEMPLATE] * 5,
+                         resolution=world.SIZE, seed=1, preview_every=0, snapshot_every=0)
+    trainer = Trainer(host, images, config)
+    trainer._record_eval()
+    before = trainer.best.loss
+    assert trainer._swap_at_plateau()
+    (step, change), = trainer.swaps
+    assert step == 0 and "'square'" in change and trainer.best.loss < before

@@ -62,6 +62,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--lr-drops", type=int, default=d("lr_drops"),
       help=f"when the evaluation loss stops improving, go back to the best word and go on at {LR_DROP:g}x the "
            "learning rate, this many times before early stopping ends the run")
+    a("--word-swaps", type=int, default=d("word_swaps"),
+      help="when the evaluation loss stops improving, first try swapping one of the word's vectors for the "
+           "vocabulary word that lowers the loss most, up to this many times in a run (0: off)")
     a("--max-norm", type=float, default=d("max_norm_ratio"),
       help="cap each vector's norm at this x the start word's norm, so the word composes (0: off)")
     a("--init-pull", type=float, default=d("init_pull"), help="L2 pull toward the init word (paper's LDM code; 0: off)")
@@ -102,7 +105,7 @@ def train_command(args: argparse.Namespace) -> int:
         captions=captions, seed=args.seed, flip=not args.no_flip, init_pull=args.init_pull,
         max_norm_ratio=args.max_norm, progressive_steps=_progressive(args.progressive),
         per_image_tokens=args.per_image_tokens, eval_every=args.eval_every, early_stop_patience=args.early_stop,
-        lr_drops=args.lr_drops, snapshot_every=args.snapshot_every, preview_every=args.preview_every,
+        lr_drops=args.lr_drops, word_swaps=args.word_swaps, snapshot_every=args.snapshot_every, preview_every=args.preview_every,
         memory=args.memory,
     )
     snapshots = output.with_name(f"{output.stem}.snapshots")

@@ -22,6 +22,7 @@ LR_DROP = 0.3            # the learning rate's factor at each of TrainConfig.lr_
 # How a setting is named in messages when the front end gives no label of its own.
 _LABELS = {"num_vectors": "vectors", "learning_rate": "learning rate", "batch_size": "batch size",
            "progressive_steps": "progressive steps", "early_stop_patience": "early stop", "lr_drops": "lr drops",
+           "word_swaps": "word swaps",
            "snapshot_every": "snapshot every", "max_norm_ratio": "max norm"}
 
 
@@ -74,6 +75,10 @@ class TrainConfig:
     lr_drops: int = 2                  # before stopping early, this many times: back to the best vectors and
     #                                    on at LR_DROP x the learning rate (a constant LR wanders around the basin
     #                                    it found; a smaller one settles in it)
+    word_swaps: int = 2                # at a plateau, before a drop or a stop, up to this many times in a run: one
+    #                                    vector of the best word swapped for the vocabulary word that lowers the loss
+    #                                    (start.swap_one_slot; 0 = off). Gradient steps from a start without the
+    #                                    concept's shape can settle where the word has no shape; a swap gets out
     snapshot_every: int = 100          # steps between snapshots (an interrupt, a NaN and the end always keep one)
     preview_every: int = 250           # steps between preview images (0 = off); each is one 20-step sampling,
     #                                    about 13 steps' worth of passes at batch 1
@@ -112,7 +117,7 @@ class TrainConfig:
         if not -(2 ** 63) <= self.seed < 2 ** 63:
             raise TrainingError(f"{say('seed')} must be below 2**63 in size (got {self.seed}).")
         for name, least in (("eval_every", 1), ("eval_draws", 1), ("snapshot_every", 0), ("preview_every", 0),
-                            ("early_stop_patience", 0), ("lr_drops", 0)):
+                            ("early_stop_patience", 0), ("lr_drops", 0), ("word_swaps", 0)):
             if getattr(self, name) < least:
                 zero = " (0 turns it off)" if least == 0 else ""
                 raise TrainingError(f"{say(name)} must be at least {least}{zero} (got {getattr(self, name)}).")

@@ -130,7 +130,13 @@ def state_meta(trainer, stopped: str = "") -> dict:
     return {"step": trainer.step, "config": asdict(trainer.config), "fingerprint": trainer.fingerprint,
             "train_losses": list(trainer.train_losses), "eval_losses": list(trainer.eval_losses),
             "best_loss": best.loss if math.isfinite(best.loss) else None, "best_step": best.step,
-            "lr_drops": list(trainer.lr_drops), "stopped": stopped}
+            "stopped": stopped, **plateau_state(trainer)}
+
+
+def plateau_state(trainer) -> dict:
+    """What a resumed run needs of what it did at plateaus (learning-rate drops, word swaps) to retrace the uninterrupted one."""
+    return {"lr_drops": list(trainer.lr_drops), "swaps": list(trainer.swaps), "swaps_tried": trainer.swaps_tried,
+            "swap_passes": trainer.swap_passes}
 
 
 def apply_state(trainer, state: dict[str, torch.Tensor], meta: dict) -> None:
@@ -152,6 +158,9 @@ def apply_state(trainer, state: dict[str, torch.Tensor], meta: dict) -> None:
     trainer.best.step = meta["best_step"]
     trainer.best.vectors = {k: state[f"best.{k}"].to(trainer.host.device) for k in trainer.vectors}
     trainer.lr_drops = list(meta.get("lr_drops", []))  # files written before lr drops existed had none
+    trainer.swaps = [tuple(swap) for swap in meta.get("swaps", [])]  # nor swaps
+    trainer.swaps_tried = meta.get("swaps_tried", 0)
+    trainer.swap_passes = meta.get("swap_passes", 0)
     for group in trainer.optimizer.param_groups:
         group["lr"] = trainer.learning_rate()
 
@@ -174,7 +183,7 @@ class Rollback:
 
     def keep(self, trainer) -> None:
         meta = {"step": trainer.step, "train_losses": (), "eval_losses": (), "best_loss": None,
-                "best_step": trainer.best.step, "lr_drops": list(trainer.lr_drops)}
+                "best_step": trainer.best.step, **plateau_state(trainer)}
         counts = (len(trainer.train_losses), len(trainer.eval_losses), trainer.best.loss)
         self.before_last, self.last = self.last, (state_tensors(trainer, device=None), meta, counts)
 

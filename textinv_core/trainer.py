@@ -33,7 +33,7 @@ from .objective import (
 from .observer import TrainingObserver
 from .recompute import recomputed
 from .snapshots import STOPPED_BY_NAN, Rollback, load_state, write_snapshot
-from .start import GRADIENT_DRAWS, NOISIER_SHARE, SCREEN_DRAWS, find_start, spread_init, word_start
+from .start import GRADIENT_DRAWS, NOISIER_SHARE, SCREEN_DRAWS, find_start, spread_init, swap_candidates, word_start
 from .templates import image_placeholder, preview_prompt, training_prompt
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingError", "TrainingObserver", "spread_init", "train"]
@@ -58,6 +58,8 @@ class TrainResult:
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     snapshot_path: Path | None = None
     lr_drops: list[int] = field(default_factory=list)  # steps at which the learning rate dropped
+    swaps: list[tuple[int, str]] = field(default_factory=list)  # (step, which vector took which word) at plateaus
+    swap_passes: int = 0                               # image-passes spent looking for those swaps
 
 
 class Trainer:
@@ -104,6 +106,9 @@ class Trainer:
         self.train_losses: list[float] = []
         self.eval_losses: list[tuple[int, float]] = []
         self.lr_drops: list[int] = []  # steps at which the learning rate dropped (config.lr_drops)
+        self.swaps: list[tuple[int, str]] = []  # (step, which vector took which word): _swap_at_plateau
+        self.swap_passes = 0           # image-passes spent looking for swaps and trying them
+        self.swaps_tried = 0
         self.best = BestSoFar(vectors={k: v.clone() for k, v in self.init.items()})
         self.last_snapshot: Path | None = None
         self.max_norm = {k: config.max_norm_ratio * float(v.norm(dim=1).mean()) for k, v in self.init.items()} \
@@ -129,16 +134,22 @@ class Trainer:
         cfg = self.config
         if cfg.init_word.strip():
             return cfg.init_word, 0, word_start(self.host, cfg.init_word, cfg.num_vectors)
-        low, high = cfg.timestep_range
-        noisier = replace(cfg, timestep_range=(low + (high - low) * NOISIER_SHARE, high))  # start.py says why
-        steps = self.host.num_timesteps
+        gradient, screen = self._search_draws()
         with recomputed(self.recompute_blocks):
-            screen = draws_for_run(noisier, self.count, self.latents.shape[2:], steps, SCREEN_DRAWS)
-            gradient = self._probe_draws(GRADIENT_DRAWS, timestep_bounds(steps, noisier.timestep_range))
             found = find_start(self.host, self.latents, gradient, screen, cfg.placeholder, self.weights,
                                chunk=self.memory.micro_batch or cfg.batch_size)
         log.info("textinv: starting from %r, found in %d image-passes", found.word, found.passes)
         return found.word, found.passes, {k: spread_init(v, cfg.num_vectors) for k, v in found.vectors.items()}
+
+    def _search_draws(self):
+        """(gradient draws, screen draws) of the start search and of a swap, from the noisier half of the
+        run's range of t (start.py says why); fixed, so every word is judged on the same draws."""
+        cfg = self.config
+        low, high = cfg.timestep_range
+        noisier = replace(cfg, timestep_range=(low + (high - low) * NOISIER_SHARE, high))
+        steps = self.host.num_timesteps
+        screen = draws_for_run(noisier, self.count, self.latents.shape[2:], steps, SCREEN_DRAWS)
+        return self._probe_draws(GRADIENT_DRAWS, timestep_bounds(steps, noisier.timestep_range)), screen
 
     # -- prompts -------------------------------------------------------------------------------
     def active_count(self, step: int) -> int:
@@ -229,7 +240,8 @@ class Trainer:
             init_word=self.init_word, start_passes=self.start_passes, memory=self.memory.summary(),
             train_losses=list(self.train_losses),
             eval_losses=list(self.eval_losses),
-            snapshot_path=self.last_snapshot, lr_drops=list(self.lr_drops),
+            snapshot_path=self.last_snapshot, lr_drops=list(self.lr_drops), swaps=list(self.swaps),
+            swap_passes=self.swap_passes,
         )
 
     def _stop_on_nan(self, loss: float, rollback: Rollback) -> None:
@@ -246,19 +258,84 @@ class Trainer:
 
     def _record_eval(self) -> bool:
         """Evaluate and keep the best vectors. When the loss has stopped improving: drop the learning rate
-        (up to config.lr_drops times), else say that early stopping has triggered."""
+        (up to config.lr_drops times), else say that early stopping has triggered. Before either, the best
+        word is checked for a better word in one slot; a swap that lowers the loss trains on at the same rate."""
         value = self.evaluate()
         self.eval_losses.append((self.step, value))
         self.observer.on_eval(self.step, value)
         self.best.update(self.step, value, self.vectors)
-        since = self.lr_drops[-1] if self.lr_drops else -1
+        # a drop or a swap starts a new stretch to judge
+        since = max([-1, *self.lr_drops, *(step for step, _ in self.swaps)])
         regular = [loss for step, loss in self.eval_losses if step > since and not 0 < step < self.config.eval_every]
         if not stopped_improving(regular, self.config.early_stop_patience):
+            return False
+        if self.swaps_tried < self.config.word_swaps and self._swap_at_plateau():
             return False
         if len(self.lr_drops) >= self.config.lr_drops:
             return True
         self._drop_learning_rate()
         return False
+
+    def _swap_at_plateau(self) -> bool:
+        """The best word with one vector swapped for a vocabulary row (start.swap_candidates): each finalist
+        trains a quarter of an evaluation interval on draws of its own, and the one whose evaluation loss
+        then beats the best word's is kept and trains on. False if none does, or while progressive steps
+        keep some of the word's vectors out of the prompt; the run is then as it was."""
+        cfg = self.config
+        if self.active_count(self.step) < cfg.num_vectors:
+            return False
+        self.swaps_tried += 1
+        gradient, screen = self._search_draws()
+        with recomputed(self.recompute_blocks):
+            found = swap_candidates(self.host, self.latents, self.best.vectors, gradient, screen, cfg.placeholder,
+                                    self.weights, chunk=self.memory.micro_batch or cfg.batch_size)
+        self.swap_passes += found.passes
+        before = ({k: v.detach().clone() for k, v in self.vectors.items()},
+                  {p: dict(self.optimizer.state[p]) for p in self.vectors.values() if p in self.optimizer.state})
+        trial_steps = max(1, cfg.eval_every // 4)
+        best_loss, kept = self.best.loss, None
+        for change, swapped in found.swaps:
+            loss = self._trial(swapped, trial_steps)
+            self.swap_passes += trial_steps * cfg.batch_size + math.ceil(len(self.eval_set) / 3)
+            if loss < best_loss:
+                best_loss, kept = loss, (change, {k: v.detach().clone() for k, v in self.vectors.items()})
+        vectors, moments = before if kept is None else (kept[1], {})
+        with torch.no_grad():
+            for key, v in self.vectors.items():
+                v.copy_(vectors[key])
+        for param in self.vectors.values():
+            self.optimizer.state.pop(param, None)
+            if param in moments:
+                self.optimizer.state[param] = moments[param]
+        if kept is None:
+            return False
+        self.swap_passes -= math.ceil(len(self.eval_set) / 3)  # its evaluation is the run's, counted as one
+        self.swaps.append((self.step, kept[0]))
+        self.eval_losses.append((self.step, best_loss))
+        self.observer.on_eval(self.step, best_loss)
+        self.best.update(self.step, best_loss, self.vectors)
+        log.info("textinv: the evaluation loss stopped improving at step %d; the best word (step %d) with %s, "
+                 "trained %d steps, beats it: training on from there", self.step, self.best.step, kept[0], trial_steps)
+        return True
+
+    def _trial(self, vectors: WordVectors, steps: int) -> float:
+        """The evaluation loss after `steps` training steps from `vectors` (fresh AdamW moments), on draws
+        from a generator of its own: the run's step count, losses and random stream stay as they were."""
+        generator, step, losses = self.generator, self.step, len(self.train_losses)
+        self.generator = torch.Generator().manual_seed(self.config.seed * 7 + step + 1)
+        try:
+            with torch.no_grad():
+                for key, v in self.vectors.items():
+                    v.copy_(vectors[key].to(v))
+            for param in self.vectors.values():
+                self.optimizer.state.pop(param, None)
+            for _ in range(steps):
+                if not math.isfinite(self.train_step()):
+                    return math.inf
+            return self.evaluate()
+        finally:
+            self.generator, self.step = generator, step
+            del self.train_losses[losses:]
 
     def learning_rate(self) -> float:
         """The learning rate now: the configured one, times LR_DROP for each drop so far."""

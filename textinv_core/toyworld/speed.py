@@ -95,7 +95,7 @@ class Measure:
     def passes(self) -> int:
         t = self.trainer
         forwards = t.memory.probe_passes + len(t.eval_losses) * self.eval_draws
-        return t.start_passes + t.step * self.per_step + math.ceil(forwards / 3)
+        return t.start_passes + t.swap_passes + t.step * self.per_step + math.ceil(forwards / 3)
 
     def score(self) -> None:
         began = time.perf_counter()
