@@ -201,3 +201,25 @@ def test_a_swap_puts_back_the_shape_a_word_lacks_on_the_toy_world():
     assert trainer._swap_at_plateau()
     (step, change), = trainer.swaps
     assert step == 0 and "'square'" in change and trainer.best.loss < before
+
+
+def test_a_run_resumed_after_a_word_swap_equals_the_uninterrupted_one(tiny_host, images, tmp_path):
+    import torch
+
+    from textinv_core.trainer import train
+
+    from .test_trainer import StopAt
+
+    host = tiny_host("sd1")
+    config = dict(learning_rate=1e-3, early_stop_patience=3, lr_drops=1, steps=40, word_swaps=2, snapshot_every=1)
+    whole = train(host, images, flat_run_config(**config), snapshot_dir=tmp_path / "whole")
+    assert whole.swaps, "the setting must keep a swap before the interrupt for this test to show it"
+    cut_at = whole.swaps[0][0] + 3
+    stopped = train(host, images, flat_run_config(**config), observer=StopAt(cut_at), snapshot_dir=tmp_path / "cut")
+    assert stopped.steps_run == cut_at and stopped.swaps == whole.swaps[:1]
+    cut = tmp_path / "cut"
+    resumed = train(host, images, flat_run_config(**config), snapshot_dir=cut, resume_from=cut)
+    assert (resumed.swaps, resumed.swap_passes, resumed.lr_drops) == (whole.swaps, whole.swap_passes, whole.lr_drops)
+    assert resumed.steps_run == whole.steps_run and resumed.eval_losses == whole.eval_losses
+    for key in host.encoders:
+        assert torch.equal(resumed.final_vectors[key], whole.final_vectors[key])

@@ -105,8 +105,8 @@ def train_command(args: argparse.Namespace) -> int:
         captions=captions, seed=args.seed, flip=not args.no_flip, init_pull=args.init_pull,
         max_norm_ratio=args.max_norm, progressive_steps=_progressive(args.progressive),
         per_image_tokens=args.per_image_tokens, eval_every=args.eval_every, early_stop_patience=args.early_stop,
-        lr_drops=args.lr_drops, word_swaps=args.word_swaps, snapshot_every=args.snapshot_every, preview_every=args.preview_every,
-        memory=args.memory,
+        lr_drops=args.lr_drops, word_swaps=args.word_swaps, snapshot_every=args.snapshot_every,
+        preview_every=args.preview_every, memory=args.memory,
     )
     snapshots = output.with_name(f"{output.stem}.snapshots")
     images = check_training(config, images, output=output, overwrite=args.overwrite, snapshot_dir=snapshots,
@@ -149,6 +149,9 @@ def train_command(args: argparse.Namespace) -> int:
     print(f"eval loss {result.init_eval_loss:.4f} at the start word '{result.init_word}'{found} -> "
           f"{result.best_eval_loss:.4f} "
           f"(best, step {result.best_step}); {result.stopped_reason} after {result.steps_run} steps; {result.memory}")
+    if result.swaps:
+        swaps = ", ".join(f"{change} at step {step}" for step, change in result.swaps)
+        print(f"at plateaus the word took: {swaps} ({result.swap_passes} image-passes spent trying swaps)")
     print(f"wrote {output}; use it as <{name}> or embedding:{name}")
     return 0
 

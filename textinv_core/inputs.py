@@ -33,8 +33,8 @@ CLI_LABELS = {
     "name": "--name", "init_word": "--init-word", "num_vectors": "--vectors", "steps": "--steps",
     "learning_rate": "--lr", "batch_size": "--batch", "resolution": "--resolution", "templates": "--templates",
     "seed": "--seed", "eval_every": "--eval-every", "snapshot_every": "--snapshot-every",
-    "preview_every": "--preview-every", "early_stop_patience": "--early-stop", "lr_drops": "--lr-drops", "word_swaps": "--word-swaps",
-    "max_norm_ratio": "--max-norm",
+    "preview_every": "--preview-every", "early_stop_patience": "--early-stop", "lr_drops": "--lr-drops",
+    "word_swaps": "--word-swaps", "max_norm_ratio": "--max-norm",
     "init_pull": "--init-pull", "progressive_steps": "--progressive", "memory": "--memory", "output": "--output",
     "resume": "--resume", "model": "--model", "images": "--images", "overwrite": "pass --overwrite",
 }

@@ -134,7 +134,8 @@ def state_meta(trainer, stopped: str = "") -> dict:
 
 
 def plateau_state(trainer) -> dict:
-    """What a resumed run needs of what it did at plateaus (learning-rate drops, word swaps) to retrace the uninterrupted one."""
+    """What a resumed run needs of what it did at plateaus (learning-rate drops, word swaps) to retrace the
+    uninterrupted one."""
     return {"lr_drops": list(trainer.lr_drops), "swaps": list(trainer.swaps), "swaps_tried": trainer.swaps_tried,
             "swap_passes": trainer.swap_passes}
 

@@ -279,10 +279,11 @@ class Trainer:
     def _swap_at_plateau(self) -> bool:
         """The best word with one vector swapped for a vocabulary row (start.swap_candidates): each finalist
         trains a quarter of an evaluation interval on draws of its own, and the one whose evaluation loss
-        then beats the best word's is kept and trains on. False if none does, or while progressive steps
-        keep some of the word's vectors out of the prompt; the run is then as it was."""
+        then beats the best word's is kept and trains on. False if none does, or while progressive steps keep
+        some of the word's vectors out of the prompt, or with per-image tokens (a trial would move them too);
+        the run is then as it was, also when a trial is interrupted."""
         cfg = self.config
-        if self.active_count(self.step) < cfg.num_vectors:
+        if self.active_count(self.step) < cfg.num_vectors or self.image_vectors:
             return False
         self.swaps_tried += 1
         gradient, screen = self._search_draws()
@@ -293,29 +294,32 @@ class Trainer:
         before = ({k: v.detach().clone() for k, v in self.vectors.items()},
                   {p: dict(self.optimizer.state[p]) for p in self.vectors.values() if p in self.optimizer.state})
         trial_steps = max(1, cfg.eval_every // 4)
-        best_loss, kept = self.best.loss, None
-        for change, swapped in found.swaps:
-            loss = self._trial(swapped, trial_steps)
-            self.swap_passes += trial_steps * cfg.batch_size + math.ceil(len(self.eval_set) / 3)
-            if loss < best_loss:
-                best_loss, kept = loss, (change, {k: v.detach().clone() for k, v in self.vectors.items()})
-        vectors, moments = before if kept is None else (kept[1], {})
-        with torch.no_grad():
-            for key, v in self.vectors.items():
-                v.copy_(vectors[key])
-        for param in self.vectors.values():
-            self.optimizer.state.pop(param, None)
-            if param in moments:
-                self.optimizer.state[param] = moments[param]
+        best_loss, kept, done = self.best.loss, None, False
+        try:
+            for change, swapped in found.swaps:
+                loss = self._trial(swapped, trial_steps)
+                self.swap_passes += trial_steps * cfg.batch_size + math.ceil(len(self.eval_set) / 3)
+                if loss < best_loss:
+                    best_loss, kept = loss, (change, {k: v.detach().clone() for k, v in self.vectors.items()})
+            done = True
+        finally:
+            vectors, moments = (kept[1], {}) if done and kept else before
+            with torch.no_grad():
+                for key, v in self.vectors.items():
+                    v.copy_(vectors[key])
+            for param in self.vectors.values():
+                self.optimizer.state.pop(param, None)
+                if param in moments:
+                    self.optimizer.state[param] = moments[param]
         if kept is None:
             return False
+        log.info("textinv: the evaluation loss stopped improving at step %d; the best word (step %d) with %s, "
+                 "trained %d steps, beats it: training on from there", self.step, self.best.step, kept[0], trial_steps)
         self.swap_passes -= math.ceil(len(self.eval_set) / 3)  # its evaluation is the run's, counted as one
         self.swaps.append((self.step, kept[0]))
         self.eval_losses.append((self.step, best_loss))
         self.observer.on_eval(self.step, best_loss)
         self.best.update(self.step, best_loss, self.vectors)
-        log.info("textinv: the evaluation loss stopped improving at step %d; the best word (step %d) with %s, "
-                 "trained %d steps, beats it: training on from there", self.step, self.best.step, kept[0], trial_steps)
         return True
 
     def _trial(self, vectors: WordVectors, steps: int) -> float:
