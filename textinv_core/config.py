@@ -79,8 +79,8 @@ class TrainConfig:
     #                                    with one vector swapped for a vocabulary word the gradient proposes, kept if
     #                                    a short training from it beats the best (Trainer._swap_at_plateau; 0 = off).
     #                                    From a start without the concept's shape, gradient steps can settle where
-    #                                    the word has none (blue plain square: 0.73x, 0.77x, 0.98x of the caption on
-    #                                    three seeds without swaps; with them 0.995, 0.995, 0.979 of the caption's)
+    #                                    the word has none (blue plain square, 3 seeds: about 0.83x of the caption's
+    #                                    reconstruction without swaps, 0.99x with; docs/toyworld/README.md)
     snapshot_every: int = 100          # steps between snapshots (an interrupt, a NaN and the end always keep one)
     preview_every: int = 250           # steps between preview images (0 = off); each is one 20-step sampling,
     #                                    about 13 steps' worth of passes at batch 1
