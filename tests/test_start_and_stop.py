@@ -180,6 +180,14 @@ def test_a_rejected_swap_leaves_the_run_as_it_was(tiny_host, images, monkeypatch
         assert all(torch.equal(trainer.optimizer.state[p][s], t) for s, t in moments[i].items())
 
 
+@pytest.mark.parametrize("seed", [2 ** 63 - 1, -(2 ** 63)])
+def test_a_trial_takes_any_seed_the_settings_allow(tiny_host, images, seed):
+    from textinv_core.trainer import Trainer
+
+    trainer = Trainer(tiny_host("sd1"), images, flat_run_config(seed=seed, word_swaps=1))
+    assert trainer._trial({k: v.detach().clone() for k, v in trainer.vectors.items()}, 1) > 0
+
+
 def test_a_swap_puts_back_the_shape_a_word_lacks_on_the_toy_world():
     """A word with the colour and the pattern but no shape, the basin that training from 'plain' can settle in
     on the blue plain square: the swap puts 'square' into one of its vectors, and 25 steps from there beat it."""

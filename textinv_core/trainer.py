@@ -326,7 +326,7 @@ class Trainer:
         """The evaluation loss after `steps` training steps from `vectors` (fresh AdamW moments), on draws
         from a generator of its own: the run's step count, losses and random stream stay as they were."""
         generator, step, losses = self.generator, self.step, len(self.train_losses)
-        self.generator = torch.Generator().manual_seed(self.config.seed * 7 + step + 1)
+        self.generator = torch.Generator().manual_seed((self.config.seed * 7 + step + 1) % 2 ** 63)  # any seed
         try:
             with torch.no_grad():
                 for key, v in self.vectors.items():
