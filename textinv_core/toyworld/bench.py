@@ -148,8 +148,10 @@ def conditions_for(host, images, concept: dict[str, str], seed: int, cfg: Qualit
         placeholder, result = invert(host, images, seed, k, cfg)
         results.append(result)
         norms = [f"{float(n):.2f}" for v in result.vectors.values() for n in v.norm(dim=1)]
-        log.info("k=%d: eval loss %.4f -> %.4f, %d steps (%s) in %.0f s; vector norms %s", k, result.init_eval_loss,
-                 result.best_eval_loss, result.steps_run, result.stopped_reason, time.time() - start, norms)
+        swaps = ", ".join(f"step {step}: {change}" for step, change in result.swaps) or "none"
+        log.info("k=%d: eval loss %.4f -> %.4f, %d steps (%s) in %.0f s; vector norms %s; swaps kept: %s", k,
+                 result.init_eval_loss, result.best_eval_loss, result.steps_run, result.stopped_reason,
+                 time.time() - start, norms, swaps)
         rows.append(Condition(f"learned k={k}", placeholder, {placeholder: result.vectors},
                               steps_run=result.steps_run, best_step=result.best_step,
                               stopped_reason=result.stopped_reason))
