@@ -158,6 +158,55 @@ def test_a_plateau_tries_a_word_swap_first_and_keeps_it_only_if_its_trial_beats_
         assert result.swaps == [] and len(result.lr_drops) == 1
 
 
+@pytest.mark.parametrize("kept", [True, False])
+def test_a_found_start_is_tried_with_one_slot_swapped_before_the_first_step(tiny_host, images, monkeypatch, kept):
+    """A found start is one vector copied to every slot: before the first step the trainer tries it with the
+    first slot swapped for a vocabulary row (a copy's swaps would be the same ones) and keeps the trial's word
+    only if it beats the start. The plateau tries are left as they were."""
+    import torch
+
+    from textinv_core.trainer import Trainer
+
+    trainer = Trainer(tiny_host("sd1"), images, flat_run_config(init_word="", num_vectors=2, word_swaps=1, steps=1))
+    start = {k: v.detach().clone() for k, v in trainer.vectors.items()}
+    assert torch.equal(start["clip_l"][0], start["clip_l"][1])
+    tried = []
+
+    def trial(vectors, steps):  # ends on the swapped word itself, scored as the test asks
+        tried.append({k: v.clone() for k, v in vectors.items()})
+        with torch.no_grad():
+            for key, v in trainer.vectors.items():
+                v.copy_(vectors[key])
+        return trainer.best.loss + (-1.0 if kept else 1.0)
+
+    monkeypatch.setattr(trainer, "_trial", trial)
+    result = trainer.run()
+    table = trainer.host.token_table("clip_l").float().cpu()
+    assert len(tried) == 2
+    for word in tried:  # slot 1 a vocabulary row, slot 2 the start as it was
+        assert bool((table == word["clip_l"][0]).all(1).any())
+        assert torch.equal(word["clip_l"][1], start["clip_l"][1])
+    assert trainer.swaps_tried == 0  # the plateau's tries are all still there
+    if kept:
+        (step, change), = result.swaps
+        assert step == 0 and change.startswith("vector 1 -> ")
+        assert result.eval_losses[1] == (0, result.eval_losses[0][1] - 1.0)
+        assert any(torch.allclose(result.final_vectors["clip_l"], w["clip_l"], atol=1e-5) for w in tried)
+    else:  # training went on from the start (the learning rate is too small to move it visibly)
+        assert result.swaps == [] and result.swap_passes > 0
+        assert torch.allclose(result.final_vectors["clip_l"], start["clip_l"].cpu(), atol=1e-5)
+
+
+@pytest.mark.parametrize("setting", [dict(init_word="cat"), dict(num_vectors=1), dict(word_swaps=0)])
+def test_no_start_swap_for_a_given_word_one_vector_or_swaps_off(tiny_host, images, monkeypatch, setting):
+    from textinv_core.trainer import Trainer
+
+    config = flat_run_config(**{"init_word": "", "num_vectors": 2, "word_swaps": 1, "steps": 1, **setting})
+    trainer = Trainer(tiny_host("sd1"), images, config)
+    monkeypatch.setattr(trainer, "_try_swap", lambda where: pytest.fail(f"a swap was tried at {where}"))
+    assert trainer.run().swaps == []
+
+
 def test_a_rejected_swap_leaves_the_run_as_it_was(tiny_host, images, monkeypatch):
     import torch
 

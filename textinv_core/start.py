@@ -20,8 +20,8 @@ quarter of t, 0.6 over all t), so a quarter of the draws tell candidates apart a
 this halved the search's cost (~95 passes instead of ~165), and a two-vector word reached 90% of the
 caption in fewer passes than after the search over all t (medians of 3 seeds, on each of the three
 concepts tried).
-The same proposals serve training later: at a plateau the trainer tries the trained word with one vector
-swapped for a vocabulary row (`swap_candidates`), judged by a short training from it.
+The same proposals serve training later: before the first step and at a plateau the trainer tries the word
+with one vector swapped for a vocabulary row (`swap_candidates`), judged by a short training from it.
 A blend is the paper's multi-token average, rescaled to its words' mean norm, so it stays word-sized.
 The cost is a few gradients and forward passes, a small fraction of training; `StartResult.passes`
 counts them as image-passes: a gradient's draw as one pass (forward and backward), a forward-only draw
@@ -207,6 +207,8 @@ def swap_candidates(host: Host, latents: torch.Tensor, vectors: WordVectors, gra
     grad = search.gradient(current)
     proposed: list[tuple[str, dict[str, torch.Tensor]]] = []
     for slot in range(next(iter(current.values())).shape[0]):
+        if any(all(torch.equal(v[slot], v[other]) for v in current.values()) for other in range(slot)):
+            continue  # a copy of an earlier slot (a found start): the same swaps, proposed already
         gain = sum(search.words[k] @ grad[k][slot] for k in grad)  # g . (e - v) up to a constant per slot
         for index in gain.argsort()[:PROPOSED].tolist():
             token = int(search.ids[index])
