@@ -103,7 +103,9 @@ class TrainEmbedding:
                 "init_word": ("STRING", {"default": default("init_word"), "tooltip": "A coarse word for the "
                                          "concept ('cat', 'toy', 'painting'); the new word starts from its "
                                          "embedding. Empty: the node searches the vocabulary for the word that "
-                                         "fits the images best (under a tenth of a run's image-passes)."}),
+                                         "fits the images best, then tries it with one of its vectors swapped "
+                                         "for another word the images call for (together about a tenth of a "
+                                         "run's image-passes)."}),
                 "vectors": ("INT", {"default": default("num_vectors"), "min": 1, "max": 75, "tooltip": "Tokens the "
                                     "word uses. The paper finds 1 often enough; 2 (the default) held a concept's "
                                     "parts together more often; many more edit less easily."}),

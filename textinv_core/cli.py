@@ -64,7 +64,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
            "learning rate, this many times before early stopping ends the run")
     a("--word-swaps", type=int, default=d("word_swaps"),
       help="when the evaluation loss stops improving, first try swapping one of the word's vectors for the "
-           "vocabulary word that lowers the loss most, up to this many times in a run (0: off)")
+           "vocabulary word that lowers the loss most, up to this many times in a run; a start the engine "
+           "found is also tried so before the first step (0: no swaps)")
     a("--max-norm", type=float, default=d("max_norm_ratio"),
       help="cap each vector's norm at this x the start word's norm, so the word composes (0: off)")
     a("--init-pull", type=float, default=d("init_pull"), help="L2 pull toward the init word (paper's LDM code; 0: off)")
@@ -151,7 +152,8 @@ def train_command(args: argparse.Namespace) -> int:
           f"(best, step {result.best_step}); {result.stopped_reason} after {result.steps_run} steps; {result.memory}")
     if result.swaps:
         swaps = ", ".join(f"{change} at step {step}" for step, change in result.swaps)
-        print(f"at plateaus the word took: {swaps} ({result.swap_passes} image-passes spent trying swaps)")
+        print(f"swaps the word took (step 0: its start): {swaps} ({result.swap_passes} image-passes spent "
+              "trying swaps)")
     print(f"wrote {output}; use it as <{name}> or embedding:{name}")
     return 0
 

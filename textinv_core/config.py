@@ -80,7 +80,9 @@ class TrainConfig:
     #                                    a short training from it beats the best (Trainer._swap_at_plateau; 0 = off).
     #                                    From a start without the concept's shape, gradient steps can settle where
     #                                    the word has none (blue plain square, 3 seeds: about 0.83x of the caption's
-    #                                    reconstruction without swaps, 0.99x with; docs/toyworld/README.md)
+    #                                    reconstruction without swaps, 0.99x with; docs/toyworld/README.md).
+    #                                    A start the engine finds is tried so before the first step too
+    #                                    (Trainer._swap_at_start, not counted here; 0 turns it off as well)
     snapshot_every: int = 100          # steps between snapshots (an interrupt, a NaN and the end always keep one)
     preview_every: int = 250           # steps between preview images (0 = off); each is one 20-step sampling,
     #                                    about 13 steps' worth of passes at batch 1
