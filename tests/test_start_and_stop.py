@@ -167,7 +167,7 @@ def test_a_found_start_is_tried_with_one_slot_swapped_before_the_first_step(tiny
 
     from textinv_core.trainer import Trainer
 
-    trainer = Trainer(tiny_host("sd1"), images, flat_run_config(init_word="", num_vectors=2, word_swaps=1, steps=1))
+    trainer = Trainer(tiny_host("sd1"), images, flat_run_config(init_word="", num_vectors=2, word_swaps=1, steps=2))
     start = {k: v.detach().clone() for k, v in trainer.vectors.items()}
     assert torch.equal(start["clip_l"][0], start["clip_l"][1])
     tried = []
@@ -197,11 +197,12 @@ def test_a_found_start_is_tried_with_one_slot_swapped_before_the_first_step(tiny
         assert torch.allclose(result.final_vectors["clip_l"], start["clip_l"].cpu(), atol=1e-5)
 
 
-@pytest.mark.parametrize("setting", [dict(init_word="cat"), dict(num_vectors=1), dict(word_swaps=0)])
-def test_no_start_swap_for_a_given_word_one_vector_or_swaps_off(tiny_host, images, monkeypatch, setting):
+@pytest.mark.parametrize("setting", [dict(init_word="cat"), dict(num_vectors=1), dict(word_swaps=0), dict(steps=1)])
+def test_no_start_swap_for_a_given_word_one_vector_swaps_off_or_a_run_shorter_than_an_interval(
+        tiny_host, images, monkeypatch, setting):
     from textinv_core.trainer import Trainer
 
-    config = flat_run_config(**{"init_word": "", "num_vectors": 2, "word_swaps": 1, "steps": 1, **setting})
+    config = flat_run_config(**{"init_word": "", "num_vectors": 2, "word_swaps": 1, "steps": 2, **setting})
     trainer = Trainer(tiny_host("sd1"), images, config)
     monkeypatch.setattr(trainer, "_try_swap", lambda where: pytest.fail(f"a swap was tried at {where}"))
     assert trainer.run().swaps == []

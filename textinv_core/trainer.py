@@ -284,9 +284,11 @@ class Trainer:
         is tried as at a plateau (`_try_swap`), and kept if its trial beats the start. On the red striped circle
         (starts found: 'red square striped', 'red big striped', 'red striped') this took the passes to 90% of
         the caption from 453, 363, 453 to 233 on each seed (docs/toyworld/README.md). Not with a given init
-        word (the user chose the start), one vector (the search chose among single words), or word_swaps 0."""
+        word (the user chose the start), one vector (the search chose among single words), word_swaps 0, or
+        in a run shorter than one evaluation interval (the two trials would be half of it or more)."""
         cfg = self.config
-        if cfg.init_word.strip() or cfg.num_vectors < 2 or not cfg.word_swaps or not self._can_swap():
+        if cfg.init_word.strip() or cfg.num_vectors < 2 or not cfg.word_swaps or cfg.steps < cfg.eval_every \
+                or not self._can_swap():
             return False
         return self._try_swap("the start found")
 
