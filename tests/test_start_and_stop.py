@@ -125,6 +125,24 @@ def test_the_default_start_beats_object_on_a_short_toy_inversion():
     assert found.best_eval_loss < neutral.best_eval_loss
 
 
+def fake_trials(trainer, monkeypatch, kept: bool) -> list:
+    """Replace the trainer's swap trials by ones that end on the swapped word itself and score it below
+    (kept) or above the best word; returns the list the tried (word, steps) are appended to."""
+    import torch
+
+    tried = []
+
+    def trial(vectors, steps):
+        tried.append(({k: v.clone() for k, v in vectors.items()}, steps))
+        with torch.no_grad():
+            for key, v in trainer.vectors.items():
+                v.copy_(vectors[key])
+        return trainer.best.loss + (-1.0 if kept else 1.0)
+
+    monkeypatch.setattr(trainer, "_trial", trial)
+    return tried
+
+
 @pytest.mark.parametrize("kept", [True, False])
 def test_a_plateau_tries_a_word_swap_first_and_keeps_it_only_if_its_trial_beats_the_best(tiny_host, images,
                                                                                          monkeypatch, kept):
@@ -133,16 +151,7 @@ def test_a_plateau_tries_a_word_swap_first_and_keeps_it_only_if_its_trial_beats_
     from textinv_core.trainer import Trainer
 
     trainer = Trainer(tiny_host("sd1"), images, flat_run_config(word_swaps=1, lr_drops=1))
-    tried = []
-
-    def trial(vectors, steps):  # a trial that ends on the swapped word itself, scored as the test asks
-        tried.append(({k: v.clone() for k, v in vectors.items()}, steps))
-        with torch.no_grad():
-            for key, v in trainer.vectors.items():
-                v.copy_(vectors[key])
-        return trainer.best.loss + (-1.0 if kept else 1.0)
-
-    monkeypatch.setattr(trainer, "_trial", trial)
+    tried = fake_trials(trainer, monkeypatch, kept)
     result = trainer.run()
     assert [steps for _, steps in tried] == [1, 1]  # two finalists, a quarter of eval_every=2 steps each
     table = trainer.host.token_table("clip_l").float().cpu()
@@ -170,17 +179,9 @@ def test_a_found_start_is_tried_with_one_slot_swapped_before_the_first_step(tiny
     trainer = Trainer(tiny_host("sd1"), images, flat_run_config(init_word="", num_vectors=2, word_swaps=1, steps=2))
     start = {k: v.detach().clone() for k, v in trainer.vectors.items()}
     assert torch.equal(start["clip_l"][0], start["clip_l"][1])
-    tried = []
-
-    def trial(vectors, steps):  # ends on the swapped word itself, scored as the test asks
-        tried.append({k: v.clone() for k, v in vectors.items()})
-        with torch.no_grad():
-            for key, v in trainer.vectors.items():
-                v.copy_(vectors[key])
-        return trainer.best.loss + (-1.0 if kept else 1.0)
-
-    monkeypatch.setattr(trainer, "_trial", trial)
+    trials = fake_trials(trainer, monkeypatch, kept)
     result = trainer.run()
+    tried = [word for word, _ in trials]
     table = trainer.host.token_table("clip_l").float().cpu()
     assert len(tried) == 2
     for word in tried:  # slot 1 a vocabulary row, slot 2 the start as it was
