@@ -125,9 +125,10 @@ def test_the_default_start_beats_object_on_a_short_toy_inversion():
     assert found.best_eval_loss < neutral.best_eval_loss
 
 
-def fake_trials(trainer, monkeypatch, kept: bool) -> list:
+def fake_trials(trainer, monkeypatch, kept: bool | list[bool]) -> list:
     """Replace the trainer's swap trials by ones that end on the swapped word itself and score it below
-    (kept) or above the best word; returns the list the tried (word, steps) are appended to."""
+    (kept) or above the best word, one flag for every trial or one per trial in turn; returns the list the
+    tried (word, steps) are appended to."""
     import torch
 
     tried = []
@@ -137,7 +138,8 @@ def fake_trials(trainer, monkeypatch, kept: bool) -> list:
         with torch.no_grad():
             for key, v in trainer.vectors.items():
                 v.copy_(vectors[key])
-        return trainer.best.loss + (-1.0 if kept else 1.0)
+        beats = kept[len(tried) - 1] if isinstance(kept, list) else kept
+        return trainer.best.loss + (-1.0 if beats else 1.0)
 
     monkeypatch.setattr(trainer, "_trial", trial)
     return tried
@@ -153,7 +155,8 @@ def test_a_plateau_tries_a_word_swap_first_and_keeps_it_only_if_its_trial_beats_
     trainer = Trainer(tiny_host("sd1"), images, flat_run_config(word_swaps=1, lr_drops=1))
     tried = fake_trials(trainer, monkeypatch, kept)
     result = trainer.run()
-    assert [steps for _, steps in tried] == [1, 1]  # two finalists, a quarter of eval_every=2 steps each
+    # the first finalist's trial beats the best and is kept, or both are tried; a quarter of eval_every=2 steps each
+    assert [steps for _, steps in tried] == ([1] if kept else [1, 1])
     table = trainer.host.token_table("clip_l").float().cpu()
     for swapped, _ in tried:  # one vector of the word replaced by a row of the vocabulary
         rows = swapped["clip_l"]
@@ -183,7 +186,7 @@ def test_a_found_start_is_tried_with_one_slot_swapped_before_the_first_step(tiny
     result = trainer.run()
     tried = [word for word, _ in trials]
     table = trainer.host.token_table("clip_l").float().cpu()
-    assert len(tried) == 2
+    assert len(tried) == (1 if kept else 2)  # the first trial that beats the start is kept, untried the rest
     for word in tried:  # slot 1 a vocabulary row, slot 2 the start as it was
         assert bool((table == word["clip_l"][0]).all(1).any())
         assert torch.equal(word["clip_l"][1], start["clip_l"][1])
@@ -196,6 +199,22 @@ def test_a_found_start_is_tried_with_one_slot_swapped_before_the_first_step(tiny
     else:  # training went on from the start (the learning rate is too small to move it visibly)
         assert result.swaps == [] and result.swap_passes > 0
         assert torch.allclose(result.final_vectors["clip_l"], start["clip_l"].cpu(), atol=1e-5)
+
+
+def test_a_swap_whose_first_trial_loses_tries_the_next_finalist_and_keeps_it_if_it_wins(tiny_host, images,
+                                                                                        monkeypatch):
+    import torch
+
+    from textinv_core.trainer import Trainer
+
+    trainer = Trainer(tiny_host("sd1"), images, flat_run_config(init_word="", num_vectors=2, word_swaps=1, steps=2))
+    trials = fake_trials(trainer, monkeypatch, [False, True])
+    result = trainer.run()
+    (first, _), (second, _) = trials
+    assert not torch.equal(first["clip_l"], second["clip_l"])  # two different finalists, in turn
+    (step, change), = result.swaps
+    assert step == 0 and result.eval_losses[1] == (0, result.eval_losses[0][1] - 1.0)
+    assert torch.allclose(result.final_vectors["clip_l"], second["clip_l"], atol=1e-5)
 
 
 @pytest.mark.parametrize("setting", [dict(init_word="cat"), dict(num_vectors=1), dict(word_swaps=0), dict(steps=1)])

@@ -43,8 +43,9 @@ from .host import Host, WordVectors
 from .objective import Draws, diffusion_loss
 
 GRADIENT_DRAWS = 4   # draws of the gradient that proposes candidates
-SCREEN_DRAWS = 24    # draws on which the finalists of a round are compared (the first COARSE_DRAWS of them
-COARSE_DRAWS = 8     # score every candidate)
+SCREEN_DRAWS = 12    # draws on which the finalists of a round are compared (the first COARSE_DRAWS of them
+COARSE_DRAWS = 4     # score every candidate); half of 24 and 8: the search costs 30-52 passes, not 56-90,
+#                      and the start's swap screen about 9, not 15 (docs/toyworld/README.md, "Half the draws")
 NOISIER_SHARE = 0.5  # the search draws t from the noisier half of the run's range (module docstring)
 FINALISTS = 2        # candidates of a round scored on all SCREEN_DRAWS
 PROPOSED = 4         # words proposed in the first round; blends proposed per round by gradient and by loss (each)

@@ -306,10 +306,11 @@ class Trainer:
         return self.active_count(self.step) == self.config.num_vectors and not self.image_vectors
 
     def _try_swap(self, where: str) -> bool:
-        """The best word with one vector swapped for a vocabulary row (start.swap_candidates): each finalist
-        trains a quarter of an evaluation interval on draws of its own, and the one whose evaluation loss
-        then beats the best word's is kept and trains on. False if none does; the run is then as it was, also
-        when a trial is interrupted."""
+        """The best word with one vector swapped for a vocabulary row (start.swap_candidates): the finalists,
+        lowest screening loss first, each train a quarter of an evaluation interval on draws of their own, and
+        the first whose evaluation loss then beats the best word's is kept and trains on (its trial steps are
+        training; trying the next finalist too would cost another trial for a word that may be no better).
+        False if none does; the run is then as it was, also when a trial is interrupted."""
         cfg = self.config
         gradient, screen = self._search_draws()
         with recomputed(self.recompute_blocks):
@@ -326,6 +327,7 @@ class Trainer:
                 self.swap_passes += trial_steps * cfg.batch_size + math.ceil(len(self.eval_set) / 3)
                 if loss < best_loss:
                     best_loss, kept = loss, (change, {k: v.detach().clone() for k, v in self.vectors.items()})
+                    break
             done = True
         finally:
             vectors, moments = (kept[1], {}) if done and kept else before
