@@ -19,7 +19,9 @@ there (yellow plain cross, "caption" against "shape word": per-draw signal-to-no
 quarter of t, 0.6 over all t), so a quarter of the draws tell candidates apart as well; on the toy world
 this halved the search's cost (~95 passes instead of ~165), and a two-vector word reached 90% of the
 caption in fewer passes than after the search over all t (medians of 3 seeds, on each of the three
-concepts tried).
+concepts tried). Halving the draws again (SCREEN_DRAWS, COARSE_DRAWS) cut it to 30-52 passes and brought
+the word to the mark sooner on the triangles, for a noisier choice: one yellow striped circle seed started
+with neither its shape nor its colour and never reached the mark (docs/toyworld/README.md, "Half the draws").
 The same proposals serve training later: before the first step and at a plateau the trainer tries the word
 with one vector swapped for a vocabulary row (`swap_candidates`), judged by a short training from it.
 A blend is the paper's multi-token average, rescaled to its words' mean norm, so it stays word-sized.
